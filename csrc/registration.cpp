@@ -19,4 +19,15 @@ TORCH_LIBRARY(kvq, m) {
   m.def(
       "dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, int axis,"
       " ScalarType dtype) -> Tensor");
+  m.def("outlier_split(Tensor x, int n_low, int n_high) -> (Tensor dense, Tensor index, Tensor value)");
+  m.def(
+      "dequant_matmul(Tensor a, Tensor codes, Tensor scale, Tensor zero, int bits, int group_size,"
+      " int axis, bool transpose_b, Tensor? outlier_index=None, Tensor? outlier_value=None)"
+      " -> Tensor");
+  m.def(
+      "quant_attention(Tensor query, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor k_bits,"
+      " Tensor v_codes, Tensor v_scale, Tensor v_zero, Tensor v_bits, Tensor k_fp, Tensor v_fp,"
+      " Tensor fp_pos, Tensor? q_exclude, Tensor? k_outlier_index, Tensor? k_outlier_value,"
+      " Tensor? v_outlier_index, Tensor? v_outlier_value, int group_size, int v_group_size,"
+      " float scale, bool causal, bool return_stats) -> (Tensor out, Tensor lse, Tensor stats)");
 }

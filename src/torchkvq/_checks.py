@@ -111,3 +111,210 @@ def with_axis(shape: torch.Size | list[int], axis: int, size: int) -> list[int]:
     out = list(shape)
     out[axis] = size
     return out
+
+
+def _check_float(op: str, name: str, t: torch.Tensor) -> None:
+    torch._check(
+        t.dtype in FLOAT_DTYPES,
+        lambda: f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}",
+    )
+
+
+def _check_shape(op: str, name: str, t: torch.Tensor, expected: list[int], why: str) -> None:
+    torch._check(
+        list(t.shape) == list(expected),
+        lambda: f"{op}: {name} must have shape {list(expected)} ({why}), got {list(t.shape)}",
+    )
+
+
+def _check_device(op: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(
+                t.device == ref.device,
+                lambda: f"{op}: {name} is on {t.device} but the first input is on {ref.device}; "
+                "move every input to one device",
+            )
+
+
+def _check_outliers(
+    op: str,
+    prefix: str,
+    index: torch.Tensor | None,
+    value: torch.Tensor | None,
+    rows: list[int],
+    value_dtype: torch.dtype,
+    dtype_of: str,
+) -> None:
+    torch._check(
+        (index is None) == (value is None),
+        lambda: f"{op}: {prefix}index and {prefix}value must be given together",
+    )
+    if index is None or value is None:
+        return
+    torch._check(
+        index.dtype == torch.int16,
+        lambda: f"{op}: {prefix}index must be int16, got {index.dtype}",
+    )
+    torch._check(
+        value.dtype == value_dtype,
+        lambda: f"{op}: {prefix}value must have {dtype_of}'s dtype {value_dtype}, got {value.dtype}",
+    )
+    torch._check(
+        index.dim() == len(rows) + 1 and list(index.shape[:-1]) == list(rows),
+        lambda: f"{op}: {prefix}index must have shape {list(rows) + ['n']}, got {list(index.shape)}",
+    )
+    torch._check(
+        value.shape == index.shape,
+        lambda: f"{op}: {prefix}value must have the shape of {prefix}index "
+        f"{list(index.shape)}, got {list(value.shape)}",
+    )
+
+
+def check_outlier_split(x: torch.Tensor, n_low: int, n_high: int) -> None:
+    op = "kvq::outlier_split"
+    _check_float(op, "x", x)
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension")
+    torch._check(x.numel() > 0, lambda: f"{op}: x must not be empty, got shape {list(x.shape)}")
+    torch._check(
+        n_low >= 0 and n_high >= 0,
+        lambda: f"{op}: n_low and n_high must be >= 0, got {n_low} and {n_high}",
+    )
+    torch._check(
+        n_low + n_high < x.shape[-1],
+        lambda: f"{op}: n_low + n_high = {n_low + n_high} must be smaller than x.size(-1) = "
+        f"{x.shape[-1]} so that some values stay dense",
+    )
+    torch._check(
+        x.shape[-1] <= 32767, lambda: f"{op}: x.size(-1) must fit int16 indices, got {x.shape[-1]}"
+    )
+
+
+def check_dequant_matmul(
+    a: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: int,
+    transpose_b: bool,
+    outlier_index: torch.Tensor | None,
+    outlier_value: torch.Tensor | None,
+) -> tuple[list[int], int]:
+    """Validate kvq::dequant_matmul; returns (shape of the dequantized operand, output columns)."""
+    op = "kvq::dequant_matmul"
+    _check_float(op, "a", a)
+    torch._check(codes.dim() >= 2, lambda: f"{op}: codes must have rank >= 2, got {codes.dim()}")
+    rank = codes.dim()
+    ax = normalize_axis(op, "codes", axis, rank)
+    torch._check(
+        ax >= rank - 2,
+        lambda: f"{op}: axis must be one of the last two dimensions (-1: groups along columns, "
+        f"-2: groups along rows), got {axis}",
+    )
+    _check_device(op, a, codes=codes, scale=scale, zero=zero, outlier_index=outlier_index,
+                  outlier_value=outlier_value)
+    ax, n = check_dequantize(codes, scale, zero, bits, group_size, ax, a.dtype)
+    b_shape = with_axis(codes.shape, ax, n)
+    rows, cols = b_shape[-2], b_shape[-1]
+    torch._check(
+        a.dim() == rank and list(a.shape[:-2]) == b_shape[:-2],
+        lambda: f"{op}: a must have the leading dimensions {b_shape[:-2]} of the packed operand, "
+        f"got shape {list(a.shape)}",
+    )
+    inner = cols if transpose_b else rows
+    torch._check(
+        a.shape[-1] == inner,
+        lambda: f"{op}: a.size(-1) = {a.shape[-1]} must equal the packed operand's "
+        f"{'columns' if transpose_b else 'rows'} ({inner}) for transpose_b={transpose_b}",
+    )
+    _check_outliers(op, "outlier_", outlier_index, outlier_value, b_shape[:-1], a.dtype, "a")
+    return b_shape, rows if transpose_b else cols
+
+
+def check_quant_attention(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_bits: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_bits: torch.Tensor,
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    fp_pos: torch.Tensor,
+    q_exclude: torch.Tensor | None,
+    k_outlier_index: torch.Tensor | None,
+    k_outlier_value: torch.Tensor | None,
+    v_outlier_index: torch.Tensor | None,
+    v_outlier_value: torch.Tensor | None,
+    group_size: int,
+    v_group_size: int,
+) -> tuple[int, int, int, int, int, int]:
+    """Validate kvq::quant_attention; returns (B, Hq, L, D, Hkv, tokens held)."""
+    op = "kvq::quant_attention"
+    _check_float(op, "query", query)
+    torch._check(query.dim() == 4, lambda: f"{op}: query must be [batch, q_heads, q_len, head_dim], got rank {query.dim()}")
+    B, Hq, L, D = query.shape
+    torch._check(L >= 1 and D >= 1, lambda: f"{op}: query must not be empty, got shape {list(query.shape)}")
+    torch._check(k_fp.dim() == 4, lambda: f"{op}: k_fp must be [batch, kv_heads, fp_tokens, head_dim], got rank {k_fp.dim()}")
+    Hkv = k_fp.shape[1]
+    torch._check(
+        Hkv >= 1 and Hq % Hkv == 0,
+        lambda: f"{op}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})",
+    )
+    _check_device(op, query, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_bits=k_bits,
+                  v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_bits=v_bits, k_fp=k_fp,
+                  v_fp=v_fp, fp_pos=fp_pos, q_exclude=q_exclude, k_outlier_index=k_outlier_index,
+                  k_outlier_value=k_outlier_value, v_outlier_index=v_outlier_index,
+                  v_outlier_value=v_outlier_value)
+    check_bits_and_group(op, 1, group_size)
+    torch._check(
+        v_group_size > 0 and v_group_size % 8 == 0 and D % v_group_size == 0,
+        lambda: f"{op}: v_group_size must be a positive multiple of 8 dividing head_dim {D}, "
+        f"got {v_group_size}",
+    )
+    F = k_fp.shape[2]
+    _check_float(op, "k_fp", k_fp)
+    _check_shape(op, "k_fp", k_fp, [B, Hkv, F, D], "batch, kv heads, fp tokens, head_dim")
+    torch._check(v_fp.dtype == k_fp.dtype, lambda: f"{op}: v_fp must have k_fp's dtype {k_fp.dtype}, got {v_fp.dtype}")
+    _check_shape(op, "v_fp", v_fp, [B, Hkv, F, D], "the shape of k_fp")
+    torch._check(fp_pos.dtype == torch.int64, lambda: f"{op}: fp_pos must be int64, got {fp_pos.dtype}")
+    _check_shape(op, "fp_pos", fp_pos, [B, F], "one position per batch row and fp token, -1 for an empty slot")
+    for name, t in (("k_bits", k_bits), ("v_bits", v_bits)):
+        torch._check(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {t.dtype}")
+        torch._check(t.dim() == 1, lambda: f"{op}: {name} must be 1-D (one width per block), got rank {t.dim()}")
+    NB = k_bits.shape[0]
+    _check_shape(op, "v_bits", v_bits, [NB], "one width per block, like k_bits")
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
+        torch._check(t.dtype == torch.uint8, lambda: f"{op}: {name} must be uint8, got {t.dtype}")
+        torch._check(
+            t.dim() == 3 and list(t.shape[:2]) == [B, Hkv],
+            lambda: f"{op}: {name} must be [batch, kv_heads, bytes] = [{B}, {Hkv}, n], got {list(t.shape)}",
+        )
+    for name, t in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
+        torch._check(
+            t.dtype in SCALE_DTYPES, lambda: f"{op}: {name} must be float16 or float32, got {t.dtype}"
+        )
+    for name, t in (("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
+        torch._check(
+            t.dtype == k_scale.dtype,
+            lambda: f"{op}: scales and zeros must all have k_scale's dtype {k_scale.dtype}, got {t.dtype}",
+        )
+    Q = NB * group_size
+    _check_shape(op, "k_scale", k_scale, [B, Hkv, NB, D], "one per block and channel")
+    _check_shape(op, "k_zero", k_zero, [B, Hkv, NB, D], "the shape of k_scale")
+    _check_shape(op, "v_scale", v_scale, [B, Hkv, Q, D // v_group_size], "one per token and channel group")
+    _check_shape(op, "v_zero", v_zero, [B, Hkv, Q, D // v_group_size], "the shape of v_scale")
+    if q_exclude is not None:
+        torch._check(q_exclude.dtype == torch.bool, lambda: f"{op}: q_exclude must be bool, got {q_exclude.dtype}")
+        _check_shape(op, "q_exclude", q_exclude, [B, Q], "one flag per batch row and quantized token")
+    _check_outliers(op, "k_outlier_", k_outlier_index, k_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp")
+    _check_outliers(op, "v_outlier_", v_outlier_index, v_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp")
+    for name, t in (("k_outlier_index", k_outlier_index), ("v_outlier_index", v_outlier_index)):
+        if t is not None:
+            torch._check(t.shape[-1] <= D, lambda: f"{op}: {name} holds more outliers than head_dim")
+    return B, Hq, L, D, Hkv, Q + F

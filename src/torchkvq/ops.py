@@ -62,3 +62,127 @@ def dequantize(
         A tensor of `dtype` with ``codes.size(axis) * 8 / bits`` elements along `axis`.
     """
     return torch.ops.kvq.dequantize(codes, scale, zero, bits, group_size, axis, dtype)
+
+
+def outlier_split(
+    x: torch.Tensor, n_low: int, n_high: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Set aside a fixed number of extreme values of every vector (last axis) in full precision.
+
+    The count is fixed per vector (not data-dependent), so shapes stay static. Values are
+    ordered by (value, index); the `n_low` smallest and `n_high` largest are the outliers.
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., K]``, ``K <= 32767``, ``n_low + n_high < K``.
+        n_low, n_high: outliers taken from the bottom and from the top of each vector.
+
+    Returns:
+        ``(dense, index, value)``: ``dense`` is `x` (contiguous) with every outlier replaced by
+        the nearest bound of the remaining values, so a quantizer's min/max ignore them;
+        ``index`` is int16 ``[..., n_low + n_high]`` (low ones smallest first, then high ones
+        largest first); ``value`` holds the outliers exactly, in `x`'s dtype.
+        ``dense.scatter(-1, index.long(), value)`` equals `x`.
+
+    Example:
+        >>> dense, idx, val = outlier_split(torch.tensor([[0.1, 9.0, -0.2, 0.3]]), 0, 1)
+        >>> dense, idx, val
+        (tensor([[ 0.1000,  0.3000, -0.2000,  0.3000]]), tensor([[1]], dtype=torch.int16), tensor([[9.]]))
+    """
+    return torch.ops.kvq.outlier_split(x, n_low, n_high)
+
+
+def dequant_matmul(
+    a: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: int,
+    transpose_b: bool,
+    outlier_index: torch.Tensor | None = None,
+    outlier_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Matrix product with a packed right operand, dequantized tile by tile inside the kernel.
+
+    ``B_hat = dequantize(codes, scale, zero, bits, group_size, axis)`` is ``[..., N, K]`` and is
+    never written to memory whole. Sparse corrections, if given, are added where they belong:
+    ``B_hat[..., n, outlier_index[..., n, j]] += outlier_value[..., n, j]``.
+
+    * ``transpose_b=True``: ``a [..., M, K] @ B_hat^T -> [..., M, N]`` (scores q·K̂ᵀ over keys
+      packed per channel, axis=-2; or X̂·W with X packed per token, computed as W^T·X̂^T).
+    * ``transpose_b=False``: ``a [..., M, N] @ B_hat -> [..., M, K]`` (P·V̂ over values packed
+      per token, axis=-1).
+
+    Args:
+        a: float32/float16/bfloat16 with the leading dimensions of `codes`.
+        codes, scale, zero, bits, group_size: as returned by/given to :func:`quantize`.
+        axis: -1 (groups along K) or -2 (groups along N).
+        outlier_index: int16 ``[..., N, n]``; outlier_value: float ``[..., N, n]``.
+
+    Returns:
+        `a`'s dtype, accumulated in float32.
+    """
+    return torch.ops.kvq.dequant_matmul(
+        a, codes, scale, zero, bits, group_size, axis, transpose_b, outlier_index, outlier_value
+    )
+
+
+def quant_attention(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_bits: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_bits: torch.Tensor,
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    fp_pos: torch.Tensor,
+    q_exclude: torch.Tensor | None,
+    k_outlier_index: torch.Tensor | None,
+    k_outlier_value: torch.Tensor | None,
+    v_outlier_index: torch.Tensor | None,
+    v_outlier_value: torch.Tensor | None,
+    group_size: int,
+    v_group_size: int,
+    scale: float,
+    causal: bool,
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention of queries over a compressed KV store, reading the packed codes directly.
+
+    Usually called through :class:`torchkvq.store.KVStore.attend`, which supplies the store's
+    tensors. Layout (B batch, Hkv kv heads, D head_dim, NB blocks of G = `group_size` tokens):
+
+    * ``k_codes``/``v_codes`` ``[B, Hkv, bytes]`` uint8: the blocks back to back. Block b's keys
+      are ``[G * k_bits[b] / 8, D]`` (packed along tokens: per-channel groups), its values
+      ``[G, D * v_bits[b] / 8]`` (packed along channels in groups of `v_group_size`).
+    * ``k_scale``/``k_zero`` ``[B, Hkv, NB, D]``; ``v_scale``/``v_zero``
+      ``[B, Hkv, NB * G, D / v_group_size]``; float16 or float32.
+    * ``k_bits``/``v_bits`` int32 ``[NB]``: each block's width, 1-8, or 0 for an unused block.
+    * ``k_fp``/``v_fp`` ``[B, Hkv, F, D]`` full-precision tokens at positions ``fp_pos`` int64
+      ``[B, F]`` (-1 marks an empty slot). Quantized token i sits at position i.
+    * ``q_exclude`` bool ``[B, NB * G]``: quantized tokens to skip (held in full precision too,
+      or padding). ``*_outlier_index`` int16 / ``*_outlier_value`` ``[B, Hkv, NB * G, n]``:
+      corrections added to the dequantized keys/values at those channels.
+
+    Args:
+        query: ``[B, Hq, L, D]``, Hq a multiple of Hkv (GQA by index arithmetic, no repeat).
+        scale: the softmax scale (usually ``D ** -0.5``).
+        causal: queries are the last L positions held and see positions up to their own.
+        return_stats: also return per-token attention statistics (see below).
+
+    Returns:
+        ``(out, lse, stats)``: ``out [B, Hq, L, D]`` in query's dtype (accumulated in float32),
+        ``lse [B, Hq, L]`` float32 log-sum-exp of the scaled scores (-inf for a query that sees
+        nothing, whose output is 0), ``stats [B, Hkv, NB * G + F]`` float32: the largest
+        probability any query of the group gave each held token (empty unless requested).
+    """
+    return torch.ops.kvq.quant_attention(
+        query, k_codes, k_scale, k_zero, k_bits, v_codes, v_scale, v_zero, v_bits, k_fp, v_fp,
+        fp_pos, q_exclude, k_outlier_index, k_outlier_value, v_outlier_index, v_outlier_value,
+        group_size, v_group_size, scale, causal, return_stats,
+    )

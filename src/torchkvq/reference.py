@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_dequantize, check_quantize
+from ._checks import (
+    check_dequant_matmul,
+    check_dequantize,
+    check_outlier_split,
+    check_quant_attention,
+    check_quantize,
+)
 
 
 def _group_last(x: torch.Tensor, axis: int, group_size: int) -> torch.Tensor:
@@ -89,3 +95,167 @@ def dequantize(
     z = zero.movedim(ax, -1).float()[..., None]
     x = (q * s + z).flatten(-2)
     return x.to(dtype).movedim(-1, ax).contiguous()
+
+
+def outlier_split(
+    x: torch.Tensor, n_low: int, n_high: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``kvq::outlier_split``: set aside the extremes of each vector (last axis).
+
+    Values are ordered by (value, index), NaN above everything. The `n_low` smallest and the
+    `n_high` largest are the outliers: ``index`` (int16) lists the low ones from the smallest up,
+    then the high ones from the largest down; ``value`` holds them exactly. ``dense`` is `x` with
+    each outlier replaced by the nearest bound of what remains, so the outliers no longer stretch
+    the range a quantizer sees. ``dense.scatter(-1, index, value)`` reconstructs `x` exactly.
+    """
+    check_outlier_split(x, n_low, n_high)
+    k = x.shape[-1]
+    order = torch.sort(x, dim=-1, stable=True).indices
+    low = order[..., :n_low]
+    high = order[..., k - n_high :].flip(-1)
+    index = torch.cat([low, high], dim=-1)
+    value = x.gather(-1, index)
+    lo = x.gather(-1, order[..., n_low : n_low + 1])
+    hi = x.gather(-1, order[..., k - n_high - 1 : k - n_high])
+    dense = x.clone()
+    dense.scatter_(-1, low, lo.expand_as(low))
+    dense.scatter_(-1, high, hi.expand_as(high))
+    return dense, index.to(torch.int16), value
+
+
+def dequant_matmul(
+    a: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: int,
+    transpose_b: bool,
+    outlier_index: torch.Tensor | None = None,
+    outlier_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of ``kvq::dequant_matmul``: ``a @ B_hat`` (or ``a @ B_hat^T``) in float32.
+
+    ``B_hat = dequantize(codes, ...)`` is ``[..., N, K]``; optional sparse corrections are added
+    at ``B_hat[..., n, outlier_index[..., n, j]] += outlier_value[..., n, j]``. Returns `a`'s dtype.
+    """
+    check_dequant_matmul(a, codes, scale, zero, bits, group_size, axis, transpose_b,
+                         outlier_index, outlier_value)
+    b = dequantize(codes, scale, zero, bits, group_size, axis, torch.float32)
+    if outlier_index is not None and outlier_value is not None:
+        b = b.scatter_add(-1, outlier_index.long(), outlier_value.float())
+    out = a.float() @ (b.transpose(-1, -2) if transpose_b else b)
+    return out.to(a.dtype)
+
+
+def dequantize_blocks(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: torch.Tensor,
+    group_size: int,
+    v_group_size: int | None,
+    head_dim: int,
+) -> torch.Tensor:
+    """Dequantize a store's byte pool of blocks with per-block widths to float32.
+
+    Keys (``v_group_size=None``): block b is ``[group_size * bits[b] / 8, head_dim]`` bytes packed
+    along tokens, with ``scale[:, :, b]`` per channel. Values: block b is
+    ``[group_size, head_dim * bits[b] / 8]`` bytes packed along channels, with one scale per token
+    and group of `v_group_size` channels. Blocks are back to back in the pool; a width of 0 marks
+    an unused block (zeros here; never attended to). Returns ``[B, H, blocks * group_size, D]``.
+    """
+    B, H = codes.shape[:2]
+    G = group_size
+    out, offset = [], 0
+    for b, w in enumerate(bits.tolist()):
+        if w == 0:
+            out.append(torch.zeros(B, H, G, head_dim, device=codes.device))
+            continue
+        nbytes = G * head_dim * w // 8
+        chunk = codes[:, :, offset : offset + nbytes]
+        offset += nbytes
+        if v_group_size is None:
+            c = chunk.reshape(B, H, G * w // 8, head_dim)
+            out.append(dequantize(c, scale[:, :, b : b + 1], zero[:, :, b : b + 1], w, G, 2, torch.float32))
+        else:
+            c = chunk.reshape(B, H, G, head_dim * w // 8)
+            rows = slice(b * G, (b + 1) * G)
+            out.append(dequantize(c, scale[:, :, rows], zero[:, :, rows], w, v_group_size, 3, torch.float32))
+    if not out:
+        return torch.zeros(B, H, 0, head_dim, device=codes.device)
+    return torch.cat(out, dim=2)
+
+
+def quant_attention(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_bits: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_bits: torch.Tensor,
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    fp_pos: torch.Tensor,
+    q_exclude: torch.Tensor | None,
+    k_outlier_index: torch.Tensor | None,
+    k_outlier_value: torch.Tensor | None,
+    v_outlier_index: torch.Tensor | None,
+    v_outlier_value: torch.Tensor | None,
+    group_size: int,
+    v_group_size: int,
+    scale: float,
+    causal: bool,
+    return_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``kvq::quant_attention``: softmax attention over a compressed store.
+
+    The store holds quantized blocks (token i of the quantized part sits at position i) and
+    full-precision slots (``k_fp``/``v_fp`` at positions ``fp_pos``, -1 = empty). A quantized
+    token is attended to when its block's width is non-zero and ``q_exclude`` does not mark it.
+    With ``causal``, the L queries sit at the last L positions held (per batch row) and each
+    sees positions up to its own. Query head h reads kv head ``h // (Hq / Hkv)``.
+
+    Returns ``out [B, Hq, L, D]`` (query's dtype; 0 for a query that sees nothing), ``lse
+    [B, Hq, L]`` (float32 log-sum-exp of the scaled scores, -inf when nothing is seen) and, with
+    ``return_stats``, ``stats [B, Hkv, Q + F]``: per held token, the largest attention
+    probability any query head of its group and any query gave it (else an empty tensor).
+    """
+    B, Hq, L, D, Hkv, T = check_quant_attention(
+        query, k_codes, k_scale, k_zero, k_bits, v_codes, v_scale, v_zero, v_bits, k_fp, v_fp,
+        fp_pos, q_exclude, k_outlier_index, k_outlier_value, v_outlier_index, v_outlier_value,
+        group_size, v_group_size)
+    G = group_size
+    kq = dequantize_blocks(k_codes, k_scale, k_zero, k_bits, G, None, D)
+    vq = dequantize_blocks(v_codes, v_scale, v_zero, v_bits, G, v_group_size, D)
+    if k_outlier_index is not None and k_outlier_value is not None:
+        kq = kq.scatter_add(-1, k_outlier_index.long(), k_outlier_value.float())
+    if v_outlier_index is not None and v_outlier_value is not None:
+        vq = vq.scatter_add(-1, v_outlier_index.long(), v_outlier_value.float())
+    Q = kq.shape[2]
+    q_valid = (k_bits > 0).repeat_interleave(G)[None, :].expand(B, Q)
+    if q_exclude is not None:
+        q_valid = q_valid & ~q_exclude
+    q_pos = torch.arange(Q, device=query.device)[None, :].expand(B, Q)
+    keys = torch.cat([kq, k_fp.float()], dim=2)
+    values = torch.cat([vq, v_fp.float()], dim=2)
+    valid = torch.cat([q_valid, fp_pos >= 0], dim=1)  # [B, T]
+    pos = torch.cat([q_pos, fp_pos], dim=1)
+    mask = valid[:, None, :].expand(B, L, T)
+    if causal:
+        end = torch.where(valid, pos, -1).amax(dim=1) + 1  # one past the newest position held
+        q_positions = end[:, None] - L + torch.arange(L, device=query.device)
+        mask = mask & (pos[:, None, :] <= q_positions[:, :, None])
+    g = Hq // Hkv
+    q = query.float().reshape(B, Hkv, g, L, D)
+    s = torch.einsum("bkgld,bktd->bkglt", q, keys) * scale
+    s = s.masked_fill(~mask[:, None, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bkglt,bktd->bkgld", p, values).reshape(B, Hq, L, D).to(query.dtype)
+    stats = p.amax(dim=(2, 3)) if return_stats else query.new_empty(0, dtype=torch.float32)
+    return out, lse.reshape(B, Hq, L), stats

@@ -1,0 +1,379 @@
+// CPU kernel of kvq::quant_attention: flash-style attention over a compressed KV store.
+//
+// Work is split over (batch, kv head, token range). Each work item walks its tiles - a quantized
+// block of G tokens or a chunk of full-precision slots - and for each tile:
+//   1. brings the tile's keys and values into small float32 buffers that stay in L1
+//      (dequantized from the packed codes, plus sparse outlier corrections), never the history;
+//   2. scores every query row of the kv head's group against the tile (GQA: the g query heads
+//      and L queries of one kv head share each dequantized tile);
+//   3. folds the tile into a running (max, sum, accumulator) per row - the online softmax.
+// Partial results of the token ranges of one (batch, kv head) are merged by log-sum-exp.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention_args.h"
+#include "cpu/bitpack.h"
+#include "cpu/simd.h"
+#include "dispatch.h"
+
+namespace kvq::cpu {
+namespace {
+
+constexpr int64_t kFpTile = 32;  // full-precision slots per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+KVQ_SIMD float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+KVQ_SIMD void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+KVQ_SIMD void scale_inplace(float alpha, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= alpha;
+}
+
+// Keys of one block, packed along tokens: codes [G*bits/8, D] -> tile [G, D].
+KVQ_SIMD void dequant_key_block(const uint8_t* packed, int64_t G, int64_t D, int bits,
+                                const float* scale, const float* zero, uint8_t* tmp, float* out) {
+  unpack_rows(packed, G, D, bits, tmp);
+  for (int64_t j = 0; j < G; ++j)
+    for (int64_t c = 0; c < D; ++c)
+      out[j * D + c] = static_cast<float>(tmp[j * D + c]) * scale[c] + zero[c];
+}
+
+// Values of one block, packed along channels: codes [G, D*bits/8] -> tile [G, D], one
+// (scale, zero) per token and group of vg channels.
+KVQ_SIMD void dequant_value_block(const uint8_t* packed, int64_t G, int64_t D, int64_t vg,
+                                  int bits, const float* scale, const float* zero, uint8_t* tmp,
+                                  float* out) {
+  const int64_t groups = D / vg;
+  for (int64_t j = 0; j < G; ++j) {
+    unpack_run(packed + j * D * bits / 8, D, bits, tmp);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scale[j * groups + g], z = zero[j * groups + g];
+      for (int64_t c = g * vg; c < (g + 1) * vg; ++c)
+        out[j * D + c] = static_cast<float>(tmp[c]) * s + z;
+    }
+  }
+}
+
+struct RowState {
+  std::vector<float> m, l, acc;  // per query row: running max, sum, and [rows, D] accumulator
+  void reset(int64_t rows, int64_t D) {
+    m.assign(rows, kNegInf);
+    l.assign(rows, 0.f);
+    acc.assign(rows * D, 0.f);
+  }
+};
+
+template <typename TQ, typename TF, typename S>
+struct Attention {
+  // problem
+  int64_t B, Hq, L, D, Hkv, g, NB, G, VG, F, Q, rows, n_k_out, n_v_out;
+  float scale;
+  bool causal, stats_wanted;
+  // inputs
+  const TQ* query;
+  const uint8_t *k_codes, *v_codes;
+  int64_t k_pool, v_pool;  // bytes per (batch, kv head)
+  const S *k_scale, *k_zero, *v_scale, *v_zero;
+  const int32_t *k_bits, *v_bits;
+  std::vector<int64_t> k_off, v_off;
+  const TF *k_fp, *v_fp;
+  const int64_t* fp_pos;
+  const bool* q_exclude;
+  const int16_t *k_oi, *v_oi;
+  const TF *k_ov, *v_ov;
+  std::vector<int64_t> end_pos;  // per batch row: one past the newest position held
+
+  int64_t tiles() const { return NB + (F + kFpTile - 1) / kFpTile; }
+
+  // Loads tile `t` for (b, h) into float K/V buffers with positions and validity; returns the
+  // number of tokens in the tile, 0 when it holds nothing to attend to.
+  int64_t load_tile(int64_t b, int64_t h, int64_t t, std::vector<float>& kt, std::vector<float>& vt,
+                    std::vector<int64_t>& pos, std::vector<uint8_t>& tmp,
+                    std::vector<float>& sbuf) const {
+    const int64_t bh = b * Hkv + h;
+    if (t < NB) {
+      const int kb = k_bits[t], vb = v_bits[t];
+      if (kb == 0) return 0;
+      bool any = false;
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t i = t * G + j;
+        const bool skip = q_exclude != nullptr && q_exclude[b * Q + i];
+        pos[j] = skip ? -1 : i;
+        any |= !skip;
+      }
+      if (!any) return 0;
+      float* ks = sbuf.data();
+      float* kz = ks + D;
+      for (int64_t c = 0; c < D; ++c) {
+        ks[c] = static_cast<float>(k_scale[(bh * NB + t) * D + c]);
+        kz[c] = static_cast<float>(k_zero[(bh * NB + t) * D + c]);
+      }
+      dequant_key_block(k_codes + bh * k_pool + k_off[t], G, D, kb, ks, kz, tmp.data(), kt.data());
+      const int64_t vgroups = D / VG;
+      float* vs = sbuf.data();
+      float* vz = vs + G * vgroups;
+      for (int64_t e = 0; e < G * vgroups; ++e) {
+        vs[e] = static_cast<float>(v_scale[(bh * Q + t * G) * vgroups + e]);
+        vz[e] = static_cast<float>(v_zero[(bh * Q + t * G) * vgroups + e]);
+      }
+      dequant_value_block(v_codes + bh * v_pool + v_off[t], G, D, VG, vb, vs, vz, tmp.data(), vt.data());
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t row = bh * Q + t * G + j;
+        for (int64_t o = 0; o < n_k_out; ++o)
+          kt[j * D + k_oi[row * n_k_out + o]] += static_cast<float>(k_ov[row * n_k_out + o]);
+        for (int64_t o = 0; o < n_v_out; ++o)
+          vt[j * D + v_oi[row * n_v_out + o]] += static_cast<float>(v_ov[row * n_v_out + o]);
+      }
+      return G;
+    }
+    const int64_t f0 = (t - NB) * kFpTile, n = std::min(kFpTile, F - f0);
+    bool any = false;
+    for (int64_t j = 0; j < n; ++j) {
+      pos[j] = fp_pos[b * F + f0 + j];
+      any |= pos[j] >= 0;
+    }
+    if (!any) return 0;
+    const TF* ksrc = k_fp + (bh * F + f0) * D;
+    const TF* vsrc = v_fp + (bh * F + f0) * D;
+    for (int64_t e = 0; e < n * D; ++e) {
+      kt[e] = static_cast<float>(ksrc[e]);
+      vt[e] = static_cast<float>(vsrc[e]);
+    }
+    return n;
+  }
+
+  // Scores of every row against the tile's n tokens, masked (invalid / in the future) to -inf.
+  void tile_scores(int64_t b, const float* q, const float* kt, const int64_t* pos, int64_t n,
+                   float* s) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t qpos = end_pos[b] - L + r % L;
+      for (int64_t j = 0; j < n; ++j) {
+        const bool visible = pos[j] >= 0 && (!causal || pos[j] <= qpos);
+        s[r * n + j] = visible ? dot(q + r * D, kt + j * D, D) : kNegInf;
+      }
+    }
+  }
+
+  void load_queries(int64_t b, int64_t h, std::vector<float>& q) const {
+    // Query head h*g + gi, query l -> row gi*L + l; pre-scaled by the softmax scale.
+    for (int64_t gi = 0; gi < g; ++gi)
+      for (int64_t l = 0; l < L; ++l) {
+        const TQ* src = query + (((b * Hq) + h * g + gi) * L + l) * D;
+        float* dst = q.data() + (gi * L + l) * D;
+        for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(src[c]) * scale;
+      }
+  }
+
+  // Online softmax over tiles [t0, t1) of (b, h).
+  void run(int64_t b, int64_t h, int64_t t0, int64_t t1, RowState& st) const {
+    const int64_t cap = std::max(G, kFpTile);
+    std::vector<float> q(rows * D), kt(cap * D), vt(cap * D), s(rows * cap);
+    std::vector<float> sbuf(std::max<int64_t>(2 * D, 2 * G * (D / VG)));
+    std::vector<int64_t> pos(cap);
+    std::vector<uint8_t> tmp(cap * D);
+    load_queries(b, h, q);
+    st.reset(rows, D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = load_tile(b, h, t, kt, vt, pos, tmp, sbuf);
+      if (n == 0) continue;
+      tile_scores(b, q.data(), kt.data(), pos.data(), n, s.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sr = s.data() + r * n;
+        float mx = st.m[r];
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+        if (mx == kNegInf) continue;  // this row sees nothing in the tile or before it
+        const float alpha = std::exp(st.m[r] - mx);
+        float* acc = st.acc.data() + r * D;
+        if (alpha != 1.f) scale_inplace(alpha, acc, D);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          if (sr[j] == kNegInf) continue;
+          const float p = std::exp(sr[j] - mx);
+          sum += p;
+          axpy(p, vt.data() + j * D, acc, D);
+        }
+        st.l[r] = st.l[r] * alpha + sum;
+        st.m[r] = mx;
+      }
+    }
+  }
+
+  // Per held token, the largest probability any row gives it (needs the final lse).
+  void stats(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* lse, float* out) const {
+    const int64_t cap = std::max(G, kFpTile);
+    std::vector<float> q(rows * D), kt(cap * D), vt(cap * D), s(rows * cap);
+    std::vector<float> sbuf(std::max<int64_t>(2 * D, 2 * G * (D / VG)));
+    std::vector<int64_t> pos(cap);
+    std::vector<uint8_t> tmp(cap * D);
+    load_queries(b, h, q);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t first = t < NB ? t * G : Q + (t - NB) * kFpTile;
+      const int64_t n = load_tile(b, h, t, kt, vt, pos, tmp, sbuf);
+      const int64_t width = t < NB ? G : std::min(kFpTile, F - (t - NB) * kFpTile);
+      std::fill(out + first, out + first + width, 0.f);
+      if (n == 0) continue;
+      tile_scores(b, q.data(), kt.data(), pos.data(), n, s.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        if (lse[r] == kNegInf) continue;
+        for (int64_t j = 0; j < n; ++j)
+          out[first + j] = std::max(out[first + j], std::exp(s[r * n + j] - lse[r]));
+      }
+    }
+  }
+};
+
+template <typename TQ, typename TF, typename S>
+void run_attention(Attention<TQ, TF, S>& a, at::Tensor& out, at::Tensor& lse, at::Tensor& stats) {
+  const int64_t pairs = a.B * a.Hkv, tiles = a.tiles();
+  // Split each (batch, kv head) over token ranges when there are too few pairs for the threads.
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (want + pairs - 1) / pairs));
+  const int64_t per = (tiles + splits - 1) / std::max<int64_t>(splits, 1);
+  std::vector<RowState> parts(pairs * splits);
+  at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t pair = w / splits, sp = w % splits;
+      const int64_t t0 = sp * per, t1 = std::min(tiles, t0 + per);
+      a.run(pair / a.Hkv, pair % a.Hkv, t0, t1, parts[w]);
+    }
+  });
+  TQ* op = out.mutable_data_ptr<TQ>();
+  float* lp = lse.mutable_data_ptr<float>();
+  std::vector<float> lse_rows(pairs * a.rows);
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(a.D);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / a.Hkv, h = pair % a.Hkv;
+      for (int64_t r = 0; r < a.rows; ++r) {
+        float M = kNegInf;
+        for (int64_t sp = 0; sp < splits; ++sp) M = std::max(M, parts[pair * splits + sp].m[r]);
+        float l = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        if (M != kNegInf) {
+          for (int64_t sp = 0; sp < splits; ++sp) {
+            const RowState& st = parts[pair * splits + sp];
+            if (st.m[r] == kNegInf) continue;
+            const float w = std::exp(st.m[r] - M);
+            l += st.l[r] * w;
+            axpy(w, st.acc.data() + r * a.D, acc.data(), a.D);
+          }
+        }
+        const int64_t gi = r / a.L, li = r % a.L;
+        const int64_t qh = h * a.g + gi;
+        TQ* dst = op + ((b * a.Hq + qh) * a.L + li) * a.D;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int64_t c = 0; c < a.D; ++c) dst[c] = static_cast<TQ>(acc[c] * inv);
+        const float row_lse = l > 0.f ? M + std::log(l) : kNegInf;
+        lp[(b * a.Hq + qh) * a.L + li] = row_lse;
+        lse_rows[pair * a.rows + r] = row_lse;
+      }
+    }
+  });
+  if (!a.stats_wanted) return;
+  float* sp = stats.mutable_data_ptr<float>();
+  const int64_t T = a.Q + a.F;
+  at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t pair = w / splits, s = w % splits;
+      const int64_t t0 = s * per, t1 = std::min(tiles, t0 + per);
+      a.stats(pair / a.Hkv, pair % a.Hkv, t0, t1, lse_rows.data() + pair * a.rows, sp + pair * T);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_attention(
+    const at::Tensor& query_in, const at::Tensor& k_codes_in, const at::Tensor& k_scale_in,
+    const at::Tensor& k_zero_in, const at::Tensor& k_bits_in, const at::Tensor& v_codes_in,
+    const at::Tensor& v_scale_in, const at::Tensor& v_zero_in, const at::Tensor& v_bits_in,
+    const at::Tensor& k_fp_in, const at::Tensor& v_fp_in, const at::Tensor& fp_pos_in,
+    const std::optional<at::Tensor>& q_exclude_in, const std::optional<at::Tensor>& k_oi_in,
+    const std::optional<at::Tensor>& k_ov_in, const std::optional<at::Tensor>& v_oi_in,
+    const std::optional<at::Tensor>& v_ov_in, int64_t group_size, int64_t v_group_size,
+    double scale, bool causal, bool return_stats) {
+  const AttentionShape shp = check_quant_attention_args(
+      query_in, k_codes_in, k_scale_in, k_zero_in, k_bits_in, v_codes_in, v_scale_in, v_zero_in,
+      v_bits_in, k_fp_in, v_fp_in, fp_pos_in, q_exclude_in, k_oi_in, k_ov_in, v_oi_in, v_ov_in,
+      group_size, v_group_size);
+  const at::Tensor query = query_in.contiguous(), k_codes = k_codes_in.contiguous(),
+                   k_scale = k_scale_in.contiguous(), k_zero = k_zero_in.contiguous(),
+                   k_bits = k_bits_in.contiguous(), v_codes = v_codes_in.contiguous(),
+                   v_scale = v_scale_in.contiguous(), v_zero = v_zero_in.contiguous(),
+                   v_bits = v_bits_in.contiguous(), k_fp = k_fp_in.contiguous(),
+                   v_fp = v_fp_in.contiguous(), fp_pos = fp_pos_in.contiguous();
+  const auto opt = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->contiguous() : at::Tensor();
+  };
+  const at::Tensor q_exclude = opt(q_exclude_in), k_oi = opt(k_oi_in), k_ov = opt(k_ov_in),
+                   v_oi = opt(v_oi_in), v_ov = opt(v_ov_in);
+  const std::vector<int64_t> k_off = block_offsets("k", k_bits, group_size * shp.D / 8, k_codes.size(2));
+  const std::vector<int64_t> v_off = block_offsets("v", v_bits, group_size * shp.D / 8, v_codes.size(2));
+  for (int64_t b = 0; b < shp.NB; ++b) {
+    TORCH_CHECK((k_bits.const_data_ptr<int32_t>()[b] == 0) == (v_bits.const_data_ptr<int32_t>()[b] == 0),
+                "kvq::quant_attention: block ", b, " has k_bits ", k_bits.const_data_ptr<int32_t>()[b],
+                " but v_bits ", v_bits.const_data_ptr<int32_t>()[b], "; a block is used by both or neither");
+  }
+
+  at::Tensor out = at::empty({shp.B, shp.Hq, shp.L, shp.D}, query.options());
+  at::Tensor lse = at::empty({shp.B, shp.Hq, shp.L}, query.options().dtype(at::kFloat));
+  at::Tensor stats = return_stats
+      ? at::empty({shp.B, shp.Hkv, shp.Q + shp.F}, query.options().dtype(at::kFloat))
+      : at::empty({0}, query.options().dtype(at::kFloat));
+
+  KVQ_DISPATCH_FLOATS(query.scalar_type(), "kvq::quant_attention", [&] {
+    using TQ = scalar_t;
+    KVQ_DISPATCH_FLOATS(k_fp.scalar_type(), "kvq::quant_attention", [&] {
+      using TF = scalar_t;
+      const auto go = [&](auto scale_tag) {
+        using S = decltype(scale_tag);
+        Attention<TQ, TF, S> a;
+        a.B = shp.B; a.Hq = shp.Hq; a.L = shp.L; a.D = shp.D; a.Hkv = shp.Hkv;
+        a.g = shp.Hq / shp.Hkv; a.NB = shp.NB; a.G = group_size; a.VG = v_group_size;
+        a.F = shp.F; a.Q = shp.Q; a.rows = a.g * a.L;
+        a.n_k_out = k_oi.defined() ? k_oi.size(3) : 0;
+        a.n_v_out = v_oi.defined() ? v_oi.size(3) : 0;
+        a.scale = static_cast<float>(scale); a.causal = causal; a.stats_wanted = return_stats;
+        a.query = query.const_data_ptr<TQ>();
+        a.k_codes = k_codes.const_data_ptr<uint8_t>(); a.v_codes = v_codes.const_data_ptr<uint8_t>();
+        a.k_pool = k_codes.size(2); a.v_pool = v_codes.size(2);
+        a.k_scale = k_scale.const_data_ptr<S>(); a.k_zero = k_zero.const_data_ptr<S>();
+        a.v_scale = v_scale.const_data_ptr<S>(); a.v_zero = v_zero.const_data_ptr<S>();
+        a.k_bits = k_bits.const_data_ptr<int32_t>(); a.v_bits = v_bits.const_data_ptr<int32_t>();
+        a.k_off = k_off; a.v_off = v_off;
+        a.k_fp = k_fp.const_data_ptr<TF>(); a.v_fp = v_fp.const_data_ptr<TF>();
+        a.fp_pos = fp_pos.const_data_ptr<int64_t>();
+        a.q_exclude = q_exclude.defined() ? q_exclude.const_data_ptr<bool>() : nullptr;
+        a.k_oi = k_oi.defined() ? k_oi.const_data_ptr<int16_t>() : nullptr;
+        a.v_oi = v_oi.defined() ? v_oi.const_data_ptr<int16_t>() : nullptr;
+        a.k_ov = k_ov.defined() ? k_ov.const_data_ptr<TF>() : nullptr;
+        a.v_ov = v_ov.defined() ? v_ov.const_data_ptr<TF>() : nullptr;
+        a.end_pos = held_end_positions(k_bits, q_exclude, fp_pos, group_size);
+        run_attention(a, out, lse, stats);
+      };
+      if (k_scale.scalar_type() == at::kHalf) go(c10::Half{}); else go(float{});
+    });
+  });
+  return {out, lse, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kvq, CPU, m) { m.impl("quant_attention", &quant_attention); }
+
+}  // namespace kvq::cpu
