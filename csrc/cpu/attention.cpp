@@ -11,8 +11,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,8 +19,7 @@
 #include <vector>
 
 #include "attention_args.h"
-#include "cpu/bitpack.h"
-#include "cpu/simd.h"
+#include "cpu/tiles.h"
 #include "dispatch.h"
 
 namespace kvq::cpu {
@@ -30,46 +27,6 @@ namespace {
 
 constexpr int64_t kFpTile = 32;  // full-precision slots per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-KVQ_SIMD float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-KVQ_SIMD void axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-KVQ_SIMD void scale_inplace(float alpha, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] *= alpha;
-}
-
-// Keys of one block, packed along tokens: codes [G*bits/8, D] -> tile [G, D].
-KVQ_SIMD void dequant_key_block(const uint8_t* packed, int64_t G, int64_t D, int bits,
-                                const float* scale, const float* zero, uint8_t* tmp, float* out) {
-  unpack_rows(packed, G, D, bits, tmp);
-  for (int64_t j = 0; j < G; ++j)
-    for (int64_t c = 0; c < D; ++c)
-      out[j * D + c] = static_cast<float>(tmp[j * D + c]) * scale[c] + zero[c];
-}
-
-// Values of one block, packed along channels: codes [G, D*bits/8] -> tile [G, D], one
-// (scale, zero) per token and group of vg channels.
-KVQ_SIMD void dequant_value_block(const uint8_t* packed, int64_t G, int64_t D, int64_t vg,
-                                  int bits, const float* scale, const float* zero, uint8_t* tmp,
-                                  float* out) {
-  const int64_t groups = D / vg;
-  for (int64_t j = 0; j < G; ++j) {
-    unpack_run(packed + j * D * bits / 8, D, bits, tmp);
-    for (int64_t g = 0; g < groups; ++g) {
-      const float s = scale[j * groups + g], z = zero[j * groups + g];
-      for (int64_t c = g * vg; c < (g + 1) * vg; ++c)
-        out[j * D + c] = static_cast<float>(tmp[c]) * s + z;
-    }
-  }
-}
 
 struct RowState {
   std::vector<float> m, l, acc;  // per query row: running max, sum, and [rows, D] accumulator
@@ -125,7 +82,7 @@ struct Attention {
         ks[c] = static_cast<float>(k_scale[(bh * NB + t) * D + c]);
         kz[c] = static_cast<float>(k_zero[(bh * NB + t) * D + c]);
       }
-      dequant_key_block(k_codes + bh * k_pool + k_off[t], G, D, kb, ks, kz, tmp.data(), kt.data());
+      dequant_row_groups(k_codes + bh * k_pool + k_off[t], G, D, kb, ks, kz, tmp.data(), kt.data());
       const int64_t vgroups = D / VG;
       float* vs = sbuf.data();
       float* vz = vs + G * vgroups;
@@ -133,7 +90,7 @@ struct Attention {
         vs[e] = static_cast<float>(v_scale[(bh * Q + t * G) * vgroups + e]);
         vz[e] = static_cast<float>(v_zero[(bh * Q + t * G) * vgroups + e]);
       }
-      dequant_value_block(v_codes + bh * v_pool + v_off[t], G, D, VG, vb, vs, vz, tmp.data(), vt.data());
+      dequant_col_groups(v_codes + bh * v_pool + v_off[t], G, D, VG, vb, vs, vz, tmp.data(), vt.data());
       for (int64_t j = 0; j < G; ++j) {
         const int64_t row = bh * Q + t * G + j;
         for (int64_t o = 0; o < n_k_out; ++o)
