@@ -1,0 +1,501 @@
+"""The compressed per-layer KV store: what a layer holds and how attention reads it.
+
+A store holds the keys and values of one attention layer, ``[batch, kv_heads, tokens,
+head_dim]`` after RoPE, in three parts:
+
+* **quantized blocks** of ``group_size`` consecutive tokens, oldest first. Keys are quantized
+  per channel (each group is one channel over the block's tokens), values per token (groups of
+  ``value_group_size`` channels). Each block has its own key and value bit widths, so mixed
+  precision is possible; optional fixed-capacity outliers per token are kept exactly.
+* **full-precision slots**: the recent window (tokens not yet quantized) and **pinned** tokens
+  a policy keeps in full precision (attention sinks, LogQuant's log-spaced set). A pinned token
+  that is also quantized is excluded from attention in its quantized form.
+* bookkeeping: per-block widths, slot positions, exclusion flags.
+
+The store has no policy: a policy appends tokens, decides when blocks are quantized and at what
+widths, and which tokens to pin. Every token is quantized once, from its full-precision value.
+All tensors are preallocated with capacity and grow geometrically, so appending never copies the
+whole store at every step; :meth:`reserve` preallocates for a known length. Attention
+(:meth:`attend`) hands the full-capacity tensors to ``kvq.quant_attention``: unused blocks have
+width 0 and unused slots position -1, so no slice is ever copied to make it contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+_GROWTH = 1.5
+
+
+@dataclass(frozen=True)
+class Outliers:
+    """Per-token outlier capacity: ``low`` smallest and ``high`` largest channels kept exactly."""
+
+    low: int = 0
+    high: int = 0
+
+    @property
+    def count(self) -> int:
+        return self.low + self.high
+
+
+def _grow(t: torch.Tensor, dim: int, size: int, fill: float | int | bool = 0) -> torch.Tensor:
+    """A copy of `t` with `dim` enlarged to `size`, new entries set to `fill`."""
+    shape = list(t.shape)
+    shape[dim] = size
+    out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
+class KVStore:
+    """Compressed keys and values of one attention layer (see the module docstring).
+
+    Args:
+        batch_size, kv_heads, head_dim: the layer's cache shape.
+        dtype: dtype of the full-precision slots (the model's dtype); appended keys/values must
+            have it.
+        device: where every tensor lives.
+        group_size: tokens per quantized block, i.e. the key group size (multiple of 8).
+        value_group_size: channels per value group; a multiple of 8 dividing `head_dim`
+            (default: ``min(group_size, head_dim)``).
+        scale_dtype: dtype of scales and zero points (float16 or float32).
+        key_outliers, value_outliers: per-token outlier capacity of keys and values.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        group_size: int = 32,
+        value_group_size: int | None = None,
+        scale_dtype: torch.dtype = torch.float16,
+        key_outliers: Outliers = Outliers(),
+        value_outliers: Outliers = Outliers(),
+    ) -> None:
+        vg = value_group_size if value_group_size is not None else min(group_size, head_dim)
+        for name, v in (("batch_size", batch_size), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            if v < 1:
+                raise ValueError(f"KVStore: {name} must be >= 1, got {v}")
+        if group_size < 8 or group_size % 8:
+            raise ValueError(f"KVStore: group_size must be a positive multiple of 8, got {group_size}")
+        if vg < 8 or vg % 8 or head_dim % vg:
+            raise ValueError(
+                f"KVStore: value_group_size must be a multiple of 8 dividing head_dim {head_dim}, got {vg}"
+            )
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"KVStore: dtype must be float32, float16 or bfloat16, got {dtype}")
+        if scale_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"KVStore: scale_dtype must be float16 or float32, got {scale_dtype}")
+        for name, o in (("key_outliers", key_outliers), ("value_outliers", value_outliers)):
+            if o.low < 0 or o.high < 0 or o.count >= head_dim:
+                raise ValueError(
+                    f"KVStore: {name} must be >= 0 each and leave channels dense (< head_dim "
+                    f"{head_dim}), got {o}"
+                )
+        self.batch_size, self.kv_heads, self.head_dim = batch_size, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.group_size, self.value_group_size, self.scale_dtype = group_size, vg, scale_dtype
+        self.key_outliers, self.value_outliers = key_outliers, value_outliers
+
+        B, H, D = batch_size, kv_heads, head_dim
+        dev, sdt = self.device, scale_dtype
+        self._block_bits: list[tuple[int, int]] = []  # (key bits, value bits) per used block
+        self._k_bytes = self._v_bytes = 0  # pool bytes used per (batch, head)
+        self.k_bits = torch.zeros(0, dtype=torch.int32, device=dev)
+        self.v_bits = torch.zeros(0, dtype=torch.int32, device=dev)
+        self.k_codes = torch.zeros(B, H, 0, dtype=torch.uint8, device=dev)
+        self.v_codes = torch.zeros(B, H, 0, dtype=torch.uint8, device=dev)
+        self.k_scale = torch.zeros(B, H, 0, D, dtype=sdt, device=dev)
+        self.k_zero = torch.zeros(B, H, 0, D, dtype=sdt, device=dev)
+        self.v_scale = torch.zeros(B, H, 0, D // vg, dtype=sdt, device=dev)
+        self.v_zero = torch.zeros(B, H, 0, D // vg, dtype=sdt, device=dev)
+        self.q_exclude = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        self.k_outlier_index = self.k_outlier_value = None
+        self.v_outlier_index = self.v_outlier_value = None
+        if key_outliers.count:
+            self.k_outlier_index = torch.zeros(B, H, 0, key_outliers.count, dtype=torch.int16, device=dev)
+            self.k_outlier_value = torch.zeros(B, H, 0, key_outliers.count, dtype=dtype, device=dev)
+        if value_outliers.count:
+            self.v_outlier_index = torch.zeros(B, H, 0, value_outliers.count, dtype=torch.int16, device=dev)
+            self.v_outlier_value = torch.zeros(B, H, 0, value_outliers.count, dtype=dtype, device=dev)
+        self.k_fp = torch.zeros(B, H, 0, D, dtype=dtype, device=dev)
+        self.v_fp = torch.zeros(B, H, 0, D, dtype=dtype, device=dev)
+        self.fp_pos = torch.zeros(B, 0, dtype=torch.int64, device=dev)
+        self._slots: list[int] = []  # position held by each used fp slot (shared by the batch)
+        self._pinned: set[int] = set()
+        self._n_tokens = 0
+
+    # ---- what is held ----------------------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens appended so far (padding included): the next token's position."""
+        return self._n_tokens
+
+    @property
+    def n_quantized(self) -> int:
+        """Tokens held in quantized blocks: positions ``[0, n_quantized)``."""
+        return len(self._block_bits) * self.group_size
+
+    @property
+    def block_bits(self) -> list[tuple[int, int]]:
+        """(key bits, value bits) of every quantized block, oldest first."""
+        return list(self._block_bits)
+
+    @property
+    def fp_positions(self) -> list[int]:
+        """Positions held in full precision (window and pinned), in slot order."""
+        return list(self._slots)
+
+    @property
+    def pinned(self) -> frozenset[int]:
+        return frozenset(self._pinned)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        named = {
+            "k_bits": self.k_bits, "v_bits": self.v_bits, "k_codes": self.k_codes,
+            "v_codes": self.v_codes, "k_scale": self.k_scale, "k_zero": self.k_zero,
+            "v_scale": self.v_scale, "v_zero": self.v_zero, "q_exclude": self.q_exclude,
+            "k_fp": self.k_fp, "v_fp": self.v_fp, "fp_pos": self.fp_pos,
+        }
+        for name in ("k_outlier_index", "k_outlier_value", "v_outlier_index", "v_outlier_value"):
+            t = getattr(self, name)
+            if t is not None:
+                named[name] = t
+        return named
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the store holds, capacity included."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def nbytes_breakdown(self) -> dict[str, int]:
+        """Bytes by part; the values sum to :meth:`nbytes`.
+
+        ``codes`` (packed keys and values), ``scales`` (scales and zero points), ``outliers``
+        (indices and values), ``fp_window`` (full-precision tokens not pinned), ``pinned``,
+        ``bookkeeping`` (widths, slot positions, exclusion flags) count what is in use;
+        ``reserved`` is allocated capacity not yet in use.
+        """
+        B, H, D, G = self.batch_size, self.kv_heads, self.head_dim, self.group_size
+        nb, q = len(self._block_bits), self.n_quantized
+        sb = torch.empty(0, dtype=self.scale_dtype).element_size()
+        eb = torch.empty(0, dtype=self.dtype).element_size()
+        out_count = self.key_outliers.count + self.value_outliers.count
+        n_pinned = sum(1 for p in self._slots if p in self._pinned)
+        used = {
+            "codes": B * H * (self._k_bytes + self._v_bytes),
+            "scales": 2 * B * H * sb * (nb * D + q * (D // self.value_group_size)),
+            "outliers": B * H * q * out_count * (2 + eb),
+            "fp_window": 2 * B * H * D * eb * (len(self._slots) - n_pinned),
+            "pinned": 2 * B * H * D * eb * n_pinned,
+            "bookkeeping": 2 * 4 * nb + B * q + 8 * B * len(self._slots),
+        }
+        used["reserved"] = self.nbytes() - sum(used.values())
+        return used
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an fp16 cache of the same tokens would take: the baseline of compression ratios."""
+        return 2 * 2 * self.batch_size * self.kv_heads * self.head_dim * self._n_tokens
+
+    # ---- capacity --------------------------------------------------------------------------
+
+    def reserve(self, tokens: int, fp_tokens: int, max_bits: int = 8) -> None:
+        """Preallocate for `tokens` quantized tokens at widths <= `max_bits` and `fp_tokens` slots."""
+        blocks = -(-tokens // self.group_size)
+        per_block = self.group_size * self.head_dim * max_bits // 8
+        self._ensure_blocks(blocks, blocks * per_block, blocks * per_block, exact=True)
+        self._ensure_slots(fp_tokens, exact=True)
+
+    def _ensure_slots(self, needed: int, exact: bool = False) -> None:
+        cap = self.k_fp.shape[2]
+        if needed <= cap:
+            return
+        new = needed if exact else max(needed, int(cap * _GROWTH), 16)
+        self.k_fp = _grow(self.k_fp, 2, new)
+        self.v_fp = _grow(self.v_fp, 2, new)
+        self.fp_pos = _grow(self.fp_pos, 1, new, -1)
+
+    def _ensure_blocks(self, blocks: int, k_bytes: int, v_bytes: int, exact: bool = False) -> None:
+        def size(cap: int, need: int) -> int:
+            return need if exact else max(need, int(cap * _GROWTH))
+
+        G = self.group_size
+        if k_bytes > self.k_codes.shape[2]:
+            self.k_codes = _grow(self.k_codes, 2, size(self.k_codes.shape[2], k_bytes))
+        if v_bytes > self.v_codes.shape[2]:
+            self.v_codes = _grow(self.v_codes, 2, size(self.v_codes.shape[2], v_bytes))
+        cap = self.k_bits.shape[0]
+        if blocks <= cap:
+            return
+        new = size(cap, blocks)
+        self.k_bits = _grow(self.k_bits, 0, new)
+        self.v_bits = _grow(self.v_bits, 0, new)
+        self.k_scale = _grow(self.k_scale, 2, new)
+        self.k_zero = _grow(self.k_zero, 2, new)
+        self.v_scale = _grow(self.v_scale, 2, new * G)
+        self.v_zero = _grow(self.v_zero, 2, new * G)
+        self.q_exclude = _grow(self.q_exclude, 1, new * G, False)
+        for name in ("k_outlier_index", "k_outlier_value", "v_outlier_index", "v_outlier_value"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, _grow(t, 2, new * G))
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def _check_kv(self, name: str, t: torch.Tensor, n: int | None) -> int:
+        B, H, D = self.batch_size, self.kv_heads, self.head_dim
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"KVStore.append: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(
+                f"KVStore.append: {name} must be [batch={B}, kv_heads={H}, tokens, head_dim={D}], "
+                f"got {list(t.shape)}"
+            )
+        if n is not None and t.shape[2] != n:
+            raise ValueError(f"KVStore.append: key and value must hold the same number of tokens, got {n} and {t.shape[2]}")
+        if t.shape[2] == 0:
+            raise ValueError(f"KVStore.append: {name} holds no tokens; append at least one")
+        if t.dtype != self.dtype:
+            raise TypeError(
+                f"KVStore.append: {name} must be {self.dtype} (the store's dtype), got {t.dtype}; "
+                f"cast it or build the store with dtype={t.dtype}"
+            )
+        if t.device != self.device:
+            raise ValueError(f"KVStore.append: {name} is on {t.device} but the store is on {self.device}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"KVStore.append: {name} contains NaN or Inf; the store was left unchanged")
+        return t.shape[2]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append tokens at the next positions, in full precision (the recent window).
+
+        Args:
+            key, value: ``[batch, kv_heads, n, head_dim]`` of the store's dtype and device, finite.
+                Any strides.
+            valid: optional bool ``[batch, n]``; False marks padding, which attention skips and
+                per-channel key statistics ignore.
+
+        Raises (leaving the store unchanged) on a wrong type, shape, dtype or device, on an
+        empty append and on NaN/Inf.
+        """
+        n = self._check_kv("key", key, None)
+        self._check_kv("value", value, n)
+        if valid is not None and (valid.dtype != torch.bool or list(valid.shape) != [self.batch_size, n]):
+            raise ValueError(
+                f"KVStore.append: valid must be bool [batch={self.batch_size}, tokens={n}], got "
+                f"{valid.dtype} {list(valid.shape)}"
+            )
+        f = len(self._slots)
+        self._ensure_slots(f + n)
+        self.k_fp[:, :, f : f + n].copy_(key)
+        self.v_fp[:, :, f : f + n].copy_(value)
+        pos = torch.arange(self._n_tokens, self._n_tokens + n, device=self.device)
+        pos = pos.expand(self.batch_size, n)
+        if valid is not None:
+            pos = torch.where(valid.to(self.device), pos, -1)
+        self.fp_pos[:, f : f + n].copy_(pos)
+        self._slots.extend(range(self._n_tokens, self._n_tokens + n))
+        self._n_tokens += n
+
+    def quantize_blocks(self, bits: list[tuple[int, int]]) -> None:
+        """Quantize the next ``len(bits)`` blocks of the window, oldest first, once each.
+
+        Args:
+            bits: (key bits, value bits) for each new block, 1-8 each.
+
+        The block's tokens leave the full-precision slots unless they are pinned (then their
+        quantized copy is excluded from attention until :meth:`unpin`).
+        """
+        if not bits:
+            return
+        for kb, vb in bits:
+            if not (1 <= kb <= 8 and 1 <= vb <= 8):
+                raise ValueError(f"KVStore.quantize_blocks: bits must be in [1, 8], got {(kb, vb)}")
+        G, q0 = self.group_size, self.n_quantized
+        n = len(bits) * G
+        if q0 + n > self._n_tokens:
+            raise ValueError(
+                f"KVStore.quantize_blocks: {len(bits)} blocks need tokens up to position {q0 + n}, "
+                f"but only {self._n_tokens} are held"
+            )
+        slot_of = {p: i for i, p in enumerate(self._slots)}
+        idx = torch.tensor([slot_of[p] for p in range(q0, q0 + n)], device=self.device)
+        keys = self.k_fp.index_select(2, idx)
+        values = self.v_fp.index_select(2, idx)
+        pad = self.fp_pos.index_select(1, idx) < 0  # [B, n]
+        if pad.any():
+            keys = self._neutralize_padding(keys, pad)
+
+        nb0 = len(self._block_bits)
+        D = self.head_dim
+        k_need = self._k_bytes + sum(G * D * kb // 8 for kb, _ in bits)
+        v_need = self._v_bytes + sum(G * D * vb // 8 for _, vb in bits)
+        self._ensure_blocks(nb0 + len(bits), k_need, v_need)
+        start = 0
+        while start < len(bits):  # one kernel call per run of equal widths
+            end = start
+            while end < len(bits) and bits[end] == bits[start]:
+                end += 1
+            self._write_run(keys, values, start, end, nb0, bits[start])
+            start = end
+        self._block_bits.extend(bits)
+        sl = slice(q0, q0 + n)
+        pinned = torch.tensor([p in self._pinned for p in range(q0, q0 + n)], device=self.device)
+        self.q_exclude[:, sl] = pad | pinned
+        self._drop_slots({p for p in range(q0, q0 + n) if p not in self._pinned})
+
+    def _neutralize_padding(self, keys: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Give padded tokens a key inside the range of the block's real tokens, per channel.
+
+        Keys are quantized per channel over a block's tokens, so a padding token's key would
+        otherwise stretch the min/max of every channel (left padding poisons per-channel
+        statistics). Padding is never attended to, so its stored value does not matter.
+        """
+        B, H, n, D = keys.shape
+        G = self.group_size
+        blocks = keys.reshape(B, H, n // G, G, D)
+        real = ~pad.reshape(B, 1, n // G, G, 1)
+        lowest = blocks.masked_fill(~real, float("inf")).amin(dim=3, keepdim=True)
+        lowest = torch.where(lowest.isfinite(), lowest, torch.zeros_like(lowest))
+        return torch.where(real, blocks, lowest).reshape(B, H, n, D)
+
+    def _write_run(self, keys, values, start, end, nb0, widths) -> None:
+        """Quantize blocks [start, end) of the new tokens, all of widths (kb, vb), into the pools."""
+        kb, vb = widths
+        G, D, vg = self.group_size, self.head_dim, self.value_group_size
+        B, H = self.batch_size, self.kv_heads
+        k = keys[:, :, start * G : end * G]
+        v = values[:, :, start * G : end * G]
+        b0, b1 = nb0 + start, nb0 + end
+        t0, t1 = b0 * G, b1 * G
+        k_dense, k_oi, k_ov = self._split(k, self.key_outliers)
+        v_dense, v_oi, v_ov = self._split(v, self.value_outliers)
+        kc, ks, kz = ops.quantize(k_dense, kb, G, 2, self.scale_dtype)
+        vc, vs, vz = ops.quantize(v_dense, vb, vg, 3, self.scale_dtype)
+        nk, nv = kc[0, 0].numel(), vc[0, 0].numel()
+        self.k_codes[:, :, self._k_bytes : self._k_bytes + nk] = kc.reshape(B, H, nk)
+        self.v_codes[:, :, self._v_bytes : self._v_bytes + nv] = vc.reshape(B, H, nv)
+        self._k_bytes += nk
+        self._v_bytes += nv
+        self.k_scale[:, :, b0:b1] = ks
+        self.k_zero[:, :, b0:b1] = kz
+        self.v_scale[:, :, t0:t1] = vs
+        self.v_zero[:, :, t0:t1] = vz
+        self.k_bits[b0:b1] = kb
+        self.v_bits[b0:b1] = vb
+        if k_oi is not None:
+            # Store corrections, not the raw outliers: attention adds them to what the codes
+            # reconstruct at those channels, which restores the exact value.
+            k_hat = ops.dequantize(kc, ks, kz, kb, G, 2, torch.float32)
+            self.k_outlier_index[:, :, t0:t1] = k_oi
+            self.k_outlier_value[:, :, t0:t1] = (k_ov.float() - k_hat.gather(-1, k_oi.long())).to(self.dtype)
+        if v_oi is not None:
+            v_hat = ops.dequantize(vc, vs, vz, vb, vg, 3, torch.float32)
+            self.v_outlier_index[:, :, t0:t1] = v_oi
+            self.v_outlier_value[:, :, t0:t1] = (v_ov.float() - v_hat.gather(-1, v_oi.long())).to(self.dtype)
+
+    @staticmethod
+    def _split(x: torch.Tensor, o: Outliers):
+        if o.count == 0:
+            return x, None, None
+        return ops.outlier_split(x, o.low, o.high)
+
+    def _drop_slots(self, positions: set[int]) -> None:
+        """Remove full-precision slots holding `positions`, compacting the rest in place."""
+        if not positions:
+            return
+        keep = [i for i, p in enumerate(self._slots) if p not in positions]
+        f, n = len(self._slots), len(keep)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.k_fp[:, :, :n] = self.k_fp.index_select(2, idx)
+        self.v_fp[:, :, :n] = self.v_fp.index_select(2, idx)
+        self.fp_pos[:, :n] = self.fp_pos.index_select(1, idx)
+        self.fp_pos[:, n:f] = -1
+        self._slots = [self._slots[i] for i in keep]
+
+    # ---- pinning ---------------------------------------------------------------------------
+
+    def pin(self, positions) -> None:
+        """Keep these tokens in full precision; they must still be held in full precision."""
+        positions = set(int(p) for p in positions)
+        missing = positions - set(self._slots)
+        if missing:
+            raise ValueError(
+                f"KVStore.pin: positions {sorted(missing)[:8]} are no longer held in full "
+                "precision (already quantized); pin tokens before they leave the window"
+            )
+        self._pinned |= positions
+
+    def unpin(self, positions) -> None:
+        """Release pinned tokens: already-quantized ones fall back to their quantized copy."""
+        positions = set(int(p) for p in positions) & self._pinned
+        self._pinned -= positions
+        quantized = {p for p in positions if p < self.n_quantized}
+        if quantized:
+            idx = torch.tensor(sorted(quantized), device=self.device)
+            # A padding token stays excluded: its fp slot holds -1 for that batch row.
+            slot_of = {p: i for i, p in enumerate(self._slots)}
+            slots = torch.tensor([slot_of[p] for p in sorted(quantized)], device=self.device)
+            self.q_exclude[:, idx] = self.fp_pos.index_select(1, slots) < 0
+            self._drop_slots(quantized)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        scale: float | None = None,
+        causal: bool = True,
+        return_stats: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention of `query` ``[batch, q_heads, L, head_dim]`` over everything held.
+
+        The queries are the last L tokens appended (causal: each sees positions up to its own).
+        Returns ``(out, lse, stats)`` as :func:`torchkvq.ops.quant_attention`; ``stats`` columns
+        are the quantized positions ``[0, block capacity * group_size)`` then the fp slots (see
+        :attr:`fp_positions`).
+        """
+        if scale is None:
+            scale = self.head_dim**-0.5
+        return ops.quant_attention(
+            query, self.k_codes, self.k_scale, self.k_zero, self.k_bits, self.v_codes,
+            self.v_scale, self.v_zero, self.v_bits, self.k_fp, self.v_fp, self.fp_pos,
+            self.q_exclude, self.k_outlier_index, self.k_outlier_value, self.v_outlier_index,
+            self.v_outlier_value, self.group_size, self.value_group_size, scale, causal,
+            return_stats,
+        )
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything held as float32 ``(keys, values, positions)`` in position order - for tests
+        and debugging only: this is the full-precision copy attention never builds.
+
+        Keys/values are ``[batch, kv_heads, n, head_dim]``; for each position the full-precision
+        copy wins over the quantized one. Padding comes back like any token.
+        """
+        from . import reference
+
+        D, q = self.head_dim, self.n_quantized
+        kq = reference.dequantize_blocks(self.k_codes, self.k_scale, self.k_zero, self.k_bits,
+                                         self.group_size, None, D)[:, :, :q]
+        vq = reference.dequantize_blocks(self.v_codes, self.v_scale, self.v_zero, self.v_bits,
+                                         self.group_size, self.value_group_size, D)[:, :, :q]
+        if self.k_outlier_index is not None:
+            kq = kq.scatter_add(-1, self.k_outlier_index[:, :, :q].long(), self.k_outlier_value[:, :, :q].float())
+        if self.v_outlier_index is not None:
+            vq = vq.scatter_add(-1, self.v_outlier_index[:, :, :q].long(), self.v_outlier_value[:, :, :q].float())
+        keys = torch.zeros(self.batch_size, self.kv_heads, self._n_tokens, D)
+        values = torch.zeros_like(keys)
+        keys[:, :, :q], values[:, :, :q] = kq, vq
+        for slot, p in enumerate(self._slots):
+            keys[:, :, p] = self.k_fp[:, :, slot].float()
+            values[:, :, p] = self.v_fp[:, :, slot].float()
+        return keys, values, torch.arange(self._n_tokens)
