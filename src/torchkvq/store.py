@@ -306,6 +306,27 @@ class KVStore:
         self._slots.extend(range(self._n_tokens, self._n_tokens + n))
         self._n_tokens += n
 
+    def mark_padding(self, valid: torch.Tensor) -> None:
+        """Mark padding among the newest ``valid.shape[1]`` tokens (still in full precision).
+
+        Args:
+            valid: bool ``[batch, n]``; False marks padding, which attention skips and
+                per-channel key statistics ignore.
+        """
+        n = valid.shape[-1] if valid.dim() == 2 else -1
+        if valid.dtype != torch.bool or list(valid.shape) != [self.batch_size, n] or not 0 < n <= self._n_tokens:
+            raise ValueError(
+                f"KVStore.mark_padding: valid must be bool [batch={self.batch_size}, n] with "
+                f"0 < n <= {self._n_tokens} tokens held, got {valid.dtype} {list(valid.shape)}"
+            )
+        first = self._n_tokens - n
+        if first < self.n_quantized:
+            raise ValueError("KVStore.mark_padding: those tokens are already quantized; mark padding right after append")
+        slot_of = {p: i for i, p in enumerate(self._slots)}
+        idx = torch.tensor([slot_of[p] for p in range(first, self._n_tokens)], device=self.device)
+        pos = self.fp_pos.index_select(1, idx)
+        self.fp_pos[:, idx] = torch.where(valid.to(self.device), pos, -1)
+
     def quantize_blocks(self, bits: list[tuple[int, int]]) -> None:
         """Quantize the next ``len(bits)`` blocks of the window, oldest first, once each.
 

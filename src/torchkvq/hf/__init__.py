@@ -1,0 +1,34 @@
+"""Hugging Face transformers integration: ``KVQCache`` and ``enable(model, policy)``.
+
+Example:
+    >>> import torchkvq.hf
+    >>> from torchkvq.policies import KIVI
+    >>> cache = torchkvq.hf.enable(model, KIVI(key_bits=4, value_bits=4))  # doctest: +SKIP
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..policies import Policy
+from .attention import kvq_attention_forward
+from .cache import ATTN_IMPLEMENTATION, KVQCache, KVQLayer
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kvq_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def enable(model, policy: Policy) -> KVQCache:
+    """Switch `model` to torchkvq's attention and return an empty :class:`KVQCache` for it.
+
+    The model keeps working with ordinary caches (attention is then plain SDPA). Build a new
+    ``KVQCache(model.config, policy)`` for every new sequence batch.
+    """
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.eval()
+    return KVQCache(model.config, policy)
+
+
+__all__ = ["enable", "KVQCache", "KVQLayer", "kvq_attention_forward", "ATTN_IMPLEMENTATION"]

@@ -1,0 +1,52 @@
+"""torchkvq's attention function for transformers: attention straight over the compressed store."""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+
+def kvq_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: ``query [B, Hq, L, D]`` -> ``([B, L, Hq, D], None)``.
+
+    With a :class:`~torchkvq.hf.KVQCache`, `key`/`value` are only the new tokens (tagged with
+    their layer). The first chunk of a sequence attends to its own full-precision keys and
+    values with SDPA - exactly, as KIVI's prefill does - and padding found in the mask is
+    marked in the store; then the policy quantizes what it wants. Every later chunk runs
+    ``kvq.quant_attention`` over the store (causal, GQA-aware): the history is never
+    dequantized into a full-precision tensor. Without a KVQCache (e.g. a plain DynamicCache),
+    `key`/`value` hold the whole history in full precision and this is SDPA.
+    """
+    layer = getattr(key, "_kvq_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("torchkvq attention: sliding-window and soft-capped attention are not supported yet")
+    if dropout:
+        raise ValueError("torchkvq attention is for inference: dropout must be 0 (call model.eval())")
+    store, policy = layer.store, layer.policy
+    L = query.shape[2]
+    if store.n_tokens == L:  # first chunk: nothing compressed to read yet
+        if attention_mask is not None:
+            valid = attention_mask[:, 0, -1, -L:].to(torch.bool)
+            if not bool(valid.all()):
+                store.mark_padding(valid)
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                                        scaling=scaling, **kwargs)
+        policy.after_append(store, layer.state)
+        return out, None
+    policy.after_append(store, layer.state)
+    out, _, stats = store.attend(query, scale=scaling, causal=True, return_stats=policy.wants_stats)
+    if policy.wants_stats:
+        policy.observe(store, layer.state, stats)
+    return out.transpose(1, 2).contiguous(), None

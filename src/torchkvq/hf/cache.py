@@ -1,0 +1,126 @@
+"""A transformers ``Cache`` whose layers are compressed :class:`~torchkvq.store.KVStore` s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..policies import Policy
+from ..store import KVStore
+
+#: Name under which torchkvq's attention function is registered with transformers.
+ATTN_IMPLEMENTATION = "kvq"
+
+
+class KVQLayer(CacheLayerMixin):
+    """One decoder layer's cache: a store plus the policy's per-layer state.
+
+    ``update`` only appends the new keys and values in full precision and tags the returned key
+    tensor with this layer; torchkvq's attention function (see :mod:`torchkvq.hf.attention`)
+    then lets the policy quantize and attends over the store directly.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.state: Any = policy.new_state()
+        self.store: KVStore | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store = self.policy.make_store(B, H, D, key_states.dtype, key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.store is not None
+        self.store.append(key_states, value_states)
+        key_states._kvq_layer = self  # how the attention function finds this layer's store
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.store.n_tokens if self.store is not None else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store = None
+        self.state = self.policy.new_state()
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError(
+            "KVQCache does not support beam search (reordering a compressed cache); use greedy "
+            "or sampling generation"
+        )
+
+
+class KVQCache(Cache):
+    """A compressed KV cache for ``model.generate(..., past_key_values=cache)`` and forward calls.
+
+    Args:
+        config: the model's config; the model must use torchkvq's attention
+            (:func:`torchkvq.hf.enable` sets that up).
+        policy: the cache policy, e.g. :class:`torchkvq.policies.KIVI`.
+
+    Example:
+        >>> import torchkvq.hf
+        >>> from torchkvq.policies import KIVI
+        >>> cache = torchkvq.hf.enable(model, KIVI(key_bits=2, value_bits=2))  # doctest: +SKIP
+        >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+        >>> cache.nbytes_breakdown()  # doctest: +SKIP
+    """
+
+    def __init__(self, config, policy: Policy) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"KVQCache: policy must be a torchkvq.policies.Policy, got {type(policy).__name__}")
+        policy.validate()
+        text = config.get_text_config(decoder=True)
+        if getattr(text, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                "KVQCache: the model does not use torchkvq's attention, so it would attend over "
+                "the new tokens only; call torchkvq.hf.enable(model, policy) first (it returns a "
+                f"ready cache). attn_implementation is {getattr(text, '_attn_implementation', None)!r}"
+            )
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        unsupported = sorted(set(layer_types) - {"full_attention"})
+        if unsupported or getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+            raise NotImplementedError(
+                f"KVQCache: layer types {unsupported or ['sliding_attention']} are not supported "
+                "yet; only full-attention decoders are"
+            )
+        self.policy = policy
+        super().__init__(layers=[KVQLayer(policy) for _ in range(text.num_hidden_layers)])
+
+    @property
+    def stores(self) -> list[KVStore]:
+        """The initialized layers' stores."""
+        return [layer.store for layer in self.layers if layer.store is not None]
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor held by every layer (capacity included)."""
+        return sum(s.nbytes() for s in self.stores)
+
+    def nbytes_breakdown(self) -> dict[str, int]:
+        """Bytes by part summed over layers; see :meth:`KVStore.nbytes_breakdown`."""
+        total: dict[str, int] = {}
+        for s in self.stores:
+            for k, v in s.nbytes_breakdown().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an fp16 cache of the same tokens would take."""
+        return sum(s.fp16_nbytes() for s in self.stores)

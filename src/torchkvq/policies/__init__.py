@@ -1,0 +1,25 @@
+"""Cache policies: which tokens get which precision. See :class:`Policy`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Policy
+from .kivi import KIVI
+
+#: Named configurations, as ``torchkvq eval`` and the benchmarks refer to them.
+REGISTRY: dict[str, Callable[[], Policy]] = {
+    "kivi-4": lambda: KIVI(key_bits=4, value_bits=4),
+    "kivi-2": lambda: KIVI(key_bits=2, value_bits=2),
+}
+
+
+def get_policy(name: str) -> Policy:
+    """The registered policy called `name` (see :data:`REGISTRY`)."""
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+__all__ = ["Policy", "KIVI", "REGISTRY", "get_policy"]

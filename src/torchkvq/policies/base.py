@@ -1,0 +1,64 @@
+"""The policy interface: what a layer keeps in full precision, and at what widths it quantizes.
+
+A policy drives a :class:`~torchkvq.store.KVStore` and nothing else: after tokens are appended
+it pins tokens and quantizes blocks; after attention it may look at per-token attention
+statistics. It never calls a kernel itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from ..store import KVStore, Outliers
+
+
+class Policy(ABC):
+    """Base class of cache policies. Subclasses are small dataclasses of hyper-parameters.
+
+    Attributes a subclass sets: ``group_size`` (tokens per quantized block), ``value_group_size``
+    (channels per value group, None = ``min(group_size, head_dim)``), ``scale_dtype``,
+    ``key_outliers`` / ``value_outliers`` (:class:`~torchkvq.store.Outliers`).
+    """
+
+    group_size: int = 32
+    value_group_size: int | None = None
+    scale_dtype: torch.dtype = torch.float16
+    key_outliers: Outliers = Outliers()
+    value_outliers: Outliers = Outliers()
+    #: Whether :meth:`observe` needs attention statistics (costs a second pass over the store).
+    wants_stats: bool = False
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """Short label used in tables, e.g. ``kivi-2``."""
+
+    def make_store(self, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device | str) -> KVStore:
+        """An empty store configured for this policy."""
+        return KVStore(
+            batch_size, kv_heads, head_dim, dtype=dtype, device=device,
+            group_size=self.group_size, value_group_size=self.value_group_size,
+            scale_dtype=self.scale_dtype, key_outliers=self.key_outliers,
+            value_outliers=self.value_outliers,
+        )
+
+    def new_state(self) -> Any:
+        """Per-layer state the policy keeps between steps (None when it needs none)."""
+        return None
+
+    @abstractmethod
+    def after_append(self, store: KVStore, state: Any) -> None:
+        """Called once tokens were appended (and padding marked), before attention reads the store."""
+
+    def observe(self, store: KVStore, state: Any, stats: torch.Tensor) -> None:
+        """Called after attention when :attr:`wants_stats`: ``stats [batch, kv_heads, slots]`` as
+        returned by :meth:`KVStore.attend`."""
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent hyper-parameters (called by the cache)."""
+        if self.group_size < 8 or self.group_size % 8:
+            raise ValueError(f"{type(self).__name__}: group_size must be a positive multiple of 8, got {self.group_size}")

@@ -1,0 +1,59 @@
+"""KIVI (arXiv 2402.02750): keys per channel, values per token, a full-precision recent window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..store import KVStore
+from .base import Policy
+
+
+@dataclass
+class KIVI(Policy):
+    """The KIVI baseline: every token beyond the recent window is quantized once, in whole blocks.
+
+    Keys are quantized per channel over blocks of `group_size` tokens, values per token in groups
+    of `value_group_size` channels. At least the `residual` newest tokens stay in full precision,
+    so the prefill's tail that does not fill a block stays in full precision too. The first
+    `sinks` tokens (attention sinks) can be kept in full precision for good.
+
+    Args:
+        key_bits, value_bits: widths, 1-8 each.
+        group_size: tokens per block (the key group).
+        residual: full-precision recent window R (>= 0).
+        sinks: leading tokens kept in full precision.
+        value_group_size: channels per value group (default ``min(group_size, head_dim)``).
+        scale_dtype: float16 (default) or float32 scales and zero points.
+    """
+
+    key_bits: int = 2
+    value_bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+    sinks: int = 0
+    value_group_size: int | None = None
+    scale_dtype: torch.dtype = torch.float16
+
+    @property
+    def name(self) -> str:
+        bits = f"{self.key_bits}" if self.key_bits == self.value_bits else f"k{self.key_bits}v{self.value_bits}"
+        return f"kivi-{bits}"
+
+    def validate(self) -> None:
+        super().validate()
+        for field in ("key_bits", "value_bits"):
+            v = getattr(self, field)
+            if not 1 <= v <= 8:
+                raise ValueError(f"KIVI: {field} must be in [1, 8], got {v}")
+        if self.residual < 0 or self.sinks < 0:
+            raise ValueError(f"KIVI: residual and sinks must be >= 0, got {self.residual} and {self.sinks}")
+
+    def after_append(self, store: KVStore, state: Any) -> None:
+        if self.sinks and store.n_quantized == 0:
+            store.pin(p for p in range(min(self.sinks, store.n_tokens)) if p not in store.pinned)
+        ready = (store.n_tokens - self.residual - store.n_quantized) // store.group_size
+        if ready > 0:
+            store.quantize_blocks([(self.key_bits, self.value_bits)] * ready)
