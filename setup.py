@@ -48,7 +48,8 @@ def _extension():
     )
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: CUDA results must be bit-identical to the CPU kernels.
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         return CUDAExtension(
             sources=sources, extra_compile_args={"cxx": cxx + ["-DTORCHKVQ_CUDA"], "nvcc": nvcc},
             **kwargs,
