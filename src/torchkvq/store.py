@@ -28,7 +28,8 @@ import torch
 
 from . import ops
 
-_GROWTH = 1.5
+# Capacity grows by this factor (amortized O(1) copies per token; at most 25% held in reserve).
+_GROWTH = 1.25
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class KVStore:
 
     Args:
         batch_size, kv_heads, head_dim: the layer's cache shape.
-        dtype: dtype of the full-precision slots (the model's dtype); appended keys/values must
-            have it.
+        dtype: dtype of the full-precision slots; appended keys/values of another float dtype are
+            cast to it (e.g. an fp16 window for an fp32 model).
         device: where every tensor lives.
         group_size: tokens per quantized block, i.e. the key group size (multiple of 8).
         value_group_size: channels per value group; a multiple of 8 dividing `head_dim`
@@ -264,11 +265,8 @@ class KVStore:
             raise ValueError(f"KVStore.append: key and value must hold the same number of tokens, got {n} and {t.shape[2]}")
         if t.shape[2] == 0:
             raise ValueError(f"KVStore.append: {name} holds no tokens; append at least one")
-        if t.dtype != self.dtype:
-            raise TypeError(
-                f"KVStore.append: {name} must be {self.dtype} (the store's dtype), got {t.dtype}; "
-                f"cast it or build the store with dtype={t.dtype}"
-            )
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"KVStore.append: {name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != self.device:
             raise ValueError(f"KVStore.append: {name} is on {t.device} but the store is on {self.device}")
         if not torch.isfinite(t).all():
@@ -279,8 +277,8 @@ class KVStore:
         """Append tokens at the next positions, in full precision (the recent window).
 
         Args:
-            key, value: ``[batch, kv_heads, n, head_dim]`` of the store's dtype and device, finite.
-                Any strides.
+            key, value: ``[batch, kv_heads, n, head_dim]`` floats on the store's device, finite,
+                any strides; stored in the store's dtype.
             valid: optional bool ``[batch, n]``; False marks padding, which attention skips and
                 per-channel key statistics ignore.
 
@@ -442,6 +440,12 @@ class KVStore:
         self.fp_pos[:, :n] = self.fp_pos.index_select(1, idx)
         self.fp_pos[:, n:f] = -1
         self._slots = [self._slots[i] for i in keep]
+        cap = self.k_fp.shape[2]
+        if cap > 2 * n + 64:  # e.g. after a long prefill was quantized: give the slack back
+            new = n + n // 4 + 32
+            self.k_fp = self.k_fp[:, :, :new].clone()
+            self.v_fp = self.v_fp[:, :, :new].clone()
+            self.fp_pos = self.fp_pos[:, :new].clone()
 
     # ---- pinning ---------------------------------------------------------------------------
 

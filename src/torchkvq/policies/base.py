@@ -28,6 +28,8 @@ class Policy(ABC):
     scale_dtype: torch.dtype = torch.float16
     key_outliers: Outliers = Outliers()
     value_outliers: Outliers = Outliers()
+    #: dtype of full-precision tokens; None keeps the model's dtype.
+    window_dtype: torch.dtype | None = None
     #: Whether :meth:`observe` needs attention statistics (costs a second pass over the store).
     wants_stats: bool = False
 
@@ -40,7 +42,7 @@ class Policy(ABC):
                    device: torch.device | str) -> KVStore:
         """An empty store configured for this policy."""
         return KVStore(
-            batch_size, kv_heads, head_dim, dtype=dtype, device=device,
+            batch_size, kv_heads, head_dim, dtype=self.window_dtype or dtype, device=device,
             group_size=self.group_size, value_group_size=self.value_group_size,
             scale_dtype=self.scale_dtype, key_outliers=self.key_outliers,
             value_outliers=self.value_outliers,

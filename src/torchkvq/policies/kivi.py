@@ -27,6 +27,7 @@ class KIVI(Policy):
         sinks: leading tokens kept in full precision.
         value_group_size: channels per value group (default ``min(group_size, head_dim)``).
         scale_dtype: float16 (default) or float32 scales and zero points.
+        window_dtype: dtype of the full-precision tokens (None: the model's dtype).
     """
 
     key_bits: int = 2
@@ -36,6 +37,7 @@ class KIVI(Policy):
     sinks: int = 0
     value_group_size: int | None = None
     scale_dtype: torch.dtype = torch.float16
+    window_dtype: torch.dtype | None = None
 
     @property
     def name(self) -> str:

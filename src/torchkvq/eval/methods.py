@@ -1,0 +1,106 @@
+"""The methods ``torchkvq eval`` compares: the full-precision cache, every registered torchkvq
+policy, and Hugging Face's QuantizedCache as the peer users have today.
+
+A method builds a fresh cache for each sequence and reports the bytes that cache holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..policies import REGISTRY
+
+BASELINE = "fp32"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to cache: ``make_cache(model)`` gives a fresh cache, ``nbytes(cache)`` what
+    it holds, and ``kind`` is ``baseline``, ``torchkvq`` or ``peer``."""
+
+    name: str
+    kind: str
+    make_cache: Callable
+    nbytes: Callable
+    description: str
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor, descending into wrapper subclasses (e.g. quanto's packed tensors)."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return 0
+
+
+def _dynamic_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _dynamic_bytes(cache) -> int:
+    return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in cache.layers)
+
+
+def _quanto_cache(bits: int):
+    def make(model):
+        from transformers import QuantizedCache
+
+        return QuantizedCache("quanto", model.config, nbits=bits)
+
+    return make
+
+
+def _quantized_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        total += tensor_bytes(layer.keys) + tensor_bytes(layer.values)
+        total += tensor_bytes(layer._quantized_keys) + tensor_bytes(layer._quantized_values)
+    return total
+
+
+def _policy_method(name: str) -> Method:
+    def make(model):
+        from ..hf import KVQCache
+
+        return KVQCache(model.config, REGISTRY[name]())
+
+    def nbytes(cache) -> int:
+        return cache.nbytes()
+
+    policy = REGISTRY[name]()
+    return Method(name, "torchkvq", make, nbytes, repr(policy))
+
+
+def all_methods() -> dict[str, Method]:
+    """Every method by name: the baseline, the registered policies, the peers."""
+    methods = {
+        BASELINE: Method(BASELINE, "baseline", _dynamic_cache, _dynamic_bytes,
+                         "transformers DynamicCache, full precision (the model runs in fp32)"),
+    }
+    for name in REGISTRY:
+        methods[name] = _policy_method(name)
+    for bits in (4, 2):
+        methods[f"hf-quanto-{bits}"] = Method(
+            f"hf-quanto-{bits}", "peer", _quanto_cache(bits), _quantized_bytes,
+            f"transformers QuantizedCache, quanto backend, {bits}-bit (group 64, residual 128)",
+        )
+    return methods
+
+
+def resolve(names: list[str]) -> list[Method]:
+    """Methods by name, the baseline first (every comparison needs it)."""
+    known = all_methods()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(known)}")
+    ordered = [BASELINE] + [n for n in names if n != BASELINE]
+    return [known[n] for n in ordered]

@@ -1,0 +1,89 @@
+"""Tables, files and the plot of an evaluation run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+
+from .methods import BASELINE
+from .protocol import MethodResult
+
+COLUMNS = ["method", "kind", "ppl", "d_ppl", "d_ppl_pct", "kl", "top1", "bytes_per_token",
+           "ratio_vs_fp16", "decode_tok_s", "decode_peak_rss_mib"]
+
+
+def rows(results: dict[str, MethodResult], fp16_bytes_per_token: float) -> list[dict]:
+    """One dict per method with every figure of the table."""
+    base = results[BASELINE].perplexity
+    out = []
+    for name, r in results.items():
+        bpt = r.bytes_per_token
+        out.append({
+            "method": name,
+            "kind": r.method.kind,
+            "ppl": r.perplexity,
+            "d_ppl": r.perplexity - base,
+            "d_ppl_pct": 100 * (r.perplexity - base) / base,
+            "kl": r.mean_kl,
+            "top1": r.top1_agreement,
+            "bytes_per_token": bpt,
+            "ratio_vs_fp16": fp16_bytes_per_token / bpt,
+            "decode_tok_s": r.decode_tokens_per_s,
+            "decode_peak_rss_mib": r.decode_peak_rss_mib,
+            "description": r.method.description,
+        })
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(table_rows: list[dict]) -> str:
+    """A Markdown table (it reads fine on a terminal too)."""
+    head = ["method", "ppl", "Δppl", "Δppl %", "KL", "top-1", "bytes/token", "× vs fp16", "decode tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table_rows:
+        cells = [r["method"], _fmt(r["ppl"], ".3f"), _fmt(r["d_ppl"], "+.3f"), _fmt(r["d_ppl_pct"], "+.2f"),
+                 _fmt(r["kl"], ".4f"), _fmt(r["top1"], ".3f"), _fmt(r["bytes_per_token"], ",.0f"),
+                 _fmt(r["ratio_vs_fp16"], ".2f"), _fmt(r["decode_tok_s"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(table_rows: list[dict], path: pathlib.Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS + ["description"])
+        w.writeheader()
+        w.writerows(table_rows)
+
+
+def write_json(table_rows: list[dict], settings: dict, machine: dict, path: pathlib.Path) -> None:
+    path.write_text(json.dumps({"settings": settings, "machine": machine, "results": table_rows}, indent=2))
+
+
+def plot(table_rows: list[dict], path: pathlib.Path, title: str) -> None:
+    """Compression ratio vs fp16 against Δperplexity, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"baseline": "black", "torchkvq": "tab:blue", "peer": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in table_rows:
+        ax.scatter(r["ratio_vs_fp16"], r["d_ppl_pct"], color=colors[r["kind"]], s=40, zorder=3)
+        ax.annotate(r["method"], (r["ratio_vs_fp16"], r["d_ppl_pct"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    for kind, c in colors.items():
+        ax.scatter([], [], color=c, label=kind)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("KV bytes held: compression vs an fp16 cache (×, metadata and fp windows included)")
+    ax.set_ylabel("Δ perplexity vs full-precision cache (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
