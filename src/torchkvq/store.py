@@ -475,6 +475,21 @@ class KVStore:
 
     # ---- reading ---------------------------------------------------------------------------
 
+    def fp_tokens(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, kv_heads, len(positions), head_dim]`` of tokens held in full
+        precision (a copy), e.g. for a policy to size the widths of the next blocks."""
+        slot_of = {p: i for i, p in enumerate(self._slots)}
+        missing = [p for p in positions if p not in slot_of]
+        if missing:
+            raise ValueError(f"KVStore.fp_tokens: positions {missing[:8]} are not held in full precision")
+        idx = torch.tensor([slot_of[p] for p in positions], dtype=torch.long, device=self.device)
+        return self.k_fp.index_select(2, idx), self.v_fp.index_select(2, idx)
+
+    def fp_slot_stats(self, stats: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Split :meth:`attend`'s ``stats`` into (positions, values) of the full-precision slots."""
+        q_cap = self.k_bits.shape[0] * self.group_size
+        return list(self._slots), stats[:, :, q_cap : q_cap + len(self._slots)]
+
     def attend(
         self,
         query: torch.Tensor,

@@ -19,10 +19,11 @@ def kvq_attention_forward(
     """transformers attention interface: ``query [B, Hq, L, D]`` -> ``([B, L, Hq, D], None)``.
 
     With a :class:`~torchkvq.hf.KVQCache`, `key`/`value` are only the new tokens (tagged with
-    their layer). The first chunk of a sequence attends to its own full-precision keys and
-    values with SDPA - exactly, as KIVI's prefill does - and padding found in the mask is
-    marked in the store; then the policy quantizes what it wants. Every later chunk runs
-    ``kvq.quant_attention`` over the store (causal, GQA-aware): the history is never
+    their layer). Padding found in the first chunk's mask is marked in the store. The first
+    chunk attends to its own full-precision keys and values with SDPA - exactly, as KIVI's
+    prefill does - and then the policy quantizes what it wants. Every later chunk (and the
+    first one when the policy needs attention statistics) runs ``kvq.quant_attention`` over
+    the store (causal, GQA-aware) after the policy has quantized: the history is never
     dequantized into a full-precision tensor. Without a KVQCache (e.g. a plain DynamicCache),
     `key`/`value` hold the whole history in full precision and this is SDPA.
     """
@@ -36,11 +37,12 @@ def kvq_attention_forward(
         raise ValueError("torchkvq attention is for inference: dropout must be 0 (call model.eval())")
     store, policy = layer.store, layer.policy
     L = query.shape[2]
-    if store.n_tokens == L:  # first chunk: nothing compressed to read yet
-        if attention_mask is not None:
-            valid = attention_mask[:, 0, -1, -L:].to(torch.bool)
-            if not bool(valid.all()):
-                store.mark_padding(valid)
+    first = store.n_tokens == L  # nothing was held before this chunk
+    if first and attention_mask is not None:
+        valid = attention_mask[:, 0, -1, -L:].to(torch.bool)
+        if not bool(valid.all()):
+            store.mark_padding(valid)
+    if first and not policy.wants_stats:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                         scaling=scaling, **kwargs)
         policy.after_append(store, layer.state)
@@ -48,5 +50,6 @@ def kvq_attention_forward(
     policy.after_append(store, layer.state)
     out, _, stats = store.attend(query, scale=scaling, causal=True, return_stats=policy.wants_stats)
     if policy.wants_stats:
-        policy.observe(store, layer.state, stats)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        policy.observe(store, layer.state, stats, query * scale)
     return out.transpose(1, 2).contiguous(), None

@@ -8,6 +8,8 @@ import torch
 
 from .base import Policy
 from .kivi import KIVI
+from .logquant import LogQuant
+from .qaq import QAQ
 
 #: Named configurations, as ``torchkvq eval`` and the benchmarks refer to them. Full-precision
 #: tokens are held in fp16 so that byte figures compare with an fp16 cache on equal terms.
@@ -16,6 +18,9 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "kivi-2": lambda: KIVI(key_bits=2, value_bits=2, window_dtype=torch.float16),
     "kivi-2-g128": lambda: KIVI(key_bits=2, value_bits=2, group_size=128, value_group_size=64,
                                 window_dtype=torch.float16),
+    # window 48 keeps ~135 tokens in full precision on average, as KIVI's R = 128 does (128..159)
+    "logquant-2": lambda: LogQuant(window=48, bits=2, window_dtype=torch.float16),
+    "qaq": lambda: QAQ(window_dtype=torch.float16),
 }
 
 
@@ -27,4 +32,4 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Policy", "KIVI", "REGISTRY", "get_policy"]
+__all__ = ["Policy", "KIVI", "LogQuant", "QAQ", "REGISTRY", "get_policy"]

@@ -56,9 +56,13 @@ class Policy(ABC):
     def after_append(self, store: KVStore, state: Any) -> None:
         """Called once tokens were appended (and padding marked), before attention reads the store."""
 
-    def observe(self, store: KVStore, state: Any, stats: torch.Tensor) -> None:
-        """Called after attention when :attr:`wants_stats`: ``stats [batch, kv_heads, slots]`` as
-        returned by :meth:`KVStore.attend`."""
+    def observe(self, store: KVStore, state: Any, stats: torch.Tensor, query: torch.Tensor) -> None:
+        """Called after attention when :attr:`wants_stats`.
+
+        Args:
+            stats: ``[batch, kv_heads, slots]`` as returned by :meth:`KVStore.attend`.
+            query: ``[batch, q_heads, L, head_dim]``, already multiplied by the softmax scale.
+        """
 
     def validate(self) -> None:
         """Raise ValueError on inconsistent hyper-parameters (called by the cache)."""
