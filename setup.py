@@ -38,7 +38,7 @@ def _sanitize_flags() -> list[str]:
 
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/registration.cpp", "csrc/store_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"] + _sanitize_flags()
     kwargs = dict(
         name="torchkvq._C",

@@ -30,4 +30,7 @@ TORCH_LIBRARY(kvq, m) {
       " Tensor fp_pos, Tensor? q_exclude, Tensor? k_outlier_index, Tensor? k_outlier_value,"
       " Tensor? v_outlier_index, Tensor? v_outlier_value, int group_size, int v_group_size,"
       " float scale, bool causal, bool return_stats) -> (Tensor out, Tensor lse, Tensor stats)");
+  m.def(
+      "write_tokens(Tensor(a!) k_fp, Tensor(b!) v_fp, Tensor(c!) fp_pos, Tensor key, Tensor value,"
+      " Tensor slots, Tensor positions) -> ()");
 }

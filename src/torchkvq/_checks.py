@@ -318,3 +318,40 @@ def check_quant_attention(
         if t is not None:
             torch._check(t.shape[-1] <= D, lambda: f"{op}: {name} holds more outliers than head_dim")
     return B, Hq, L, D, Hkv, Q + F
+
+
+def check_write_tokens(
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    fp_pos: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    op = "kvq::write_tokens"
+    torch._check(
+        k_fp.dim() == 4 and v_fp.shape == k_fp.shape,
+        lambda: f"{op}: k_fp and v_fp must be [batch, kv_heads, slots, head_dim] of one shape, "
+        f"got {list(k_fp.shape)} and {list(v_fp.shape)}",
+    )
+    B, H, F, D = k_fp.shape
+    torch._check(
+        key.dim() == 4 and key.shape[0] == B and key.shape[1] == H and key.shape[3] == D
+        and value.shape == key.shape,
+        lambda: f"{op}: key and value must be [{B}, {H}, n, {D}] of one shape, got "
+        f"{list(key.shape)} and {list(value.shape)}",
+    )
+    n = key.shape[2]
+    torch._check(
+        slots.dtype == torch.int64 and list(slots.shape) == [n],
+        lambda: f"{op}: slots must be int64 [{n}], got {slots.dtype} {list(slots.shape)}",
+    )
+    torch._check(
+        positions.dtype == torch.int64 and list(positions.shape) == [B, n],
+        lambda: f"{op}: positions must be int64 [{B}, {n}], got {positions.dtype} {list(positions.shape)}",
+    )
+    torch._check(
+        fp_pos.dtype == torch.int64 and list(fp_pos.shape) == [B, F],
+        lambda: f"{op}: fp_pos must be int64 [{B}, {F}], got {list(fp_pos.shape)}",
+    )

@@ -13,6 +13,7 @@ from ._checks import (
     check_outlier_split,
     check_quant_attention,
     check_quantize,
+    check_write_tokens,
     with_axis,
 )
 
@@ -61,3 +62,8 @@ def _quant_attention_fake(query, k_codes, k_scale, k_zero, k_bits, v_codes, v_sc
     lse = query.new_empty(B, Hq, L, dtype=torch.float32)
     stats = query.new_empty(*((B, Hkv, T) if return_stats else (0,)), dtype=torch.float32)
     return out, lse, stats
+
+
+@torch.library.register_fake("kvq::write_tokens")
+def _write_tokens_fake(k_fp, v_fp, fp_pos, key, value, slots, positions):
+    check_write_tokens(k_fp, v_fp, fp_pos, key, value, slots, positions)

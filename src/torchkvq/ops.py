@@ -186,3 +186,28 @@ def quant_attention(
         fp_pos, q_exclude, k_outlier_index, k_outlier_value, v_outlier_index, v_outlier_value,
         group_size, v_group_size, scale, causal, return_stats,
     )
+
+
+def write_tokens(
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    fp_pos: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Write new tokens into a store's preallocated full-precision slots, in place.
+
+    Declared as mutating ``k_fp``, ``v_fp`` and ``fp_pos`` (``Tensor(a!)``) and returning
+    nothing, so a decode step - write, then :func:`quant_attention` - traces into one
+    static-shape graph under ``torch.compile(fullgraph=True)``.
+
+    Args:
+        k_fp, v_fp: ``[B, H, F, D]`` slot tensors (any float dtype; written values are cast).
+        fp_pos: int64 ``[B, F]`` slot positions.
+        key, value: ``[B, H, n, D]`` new tokens.
+        slots: int64 ``[n]``, the slot of each new token.
+        positions: int64 ``[B, n]``, their positions (-1 marks padding).
+    """
+    torch.ops.kvq.write_tokens(k_fp, v_fp, fp_pos, key, value, slots, positions)

@@ -13,6 +13,7 @@ from ._checks import (
     check_outlier_split,
     check_quant_attention,
     check_quantize,
+    check_write_tokens,
 )
 
 
@@ -259,3 +260,20 @@ def quant_attention(
     out = torch.einsum("bkglt,bktd->bkgld", p, values).reshape(B, Hq, L, D).to(query.dtype)
     stats = p.amax(dim=(2, 3)) if return_stats else query.new_empty(0, dtype=torch.float32)
     return out, lse.reshape(B, Hq, L), stats
+
+
+def write_tokens(
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    fp_pos: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Reference of ``kvq::write_tokens``: token j goes to slot ``slots[j]`` of k_fp/v_fp (cast
+    to their dtype) and ``fp_pos[:, slots[j]] = positions[:, j]``, in place."""
+    check_write_tokens(k_fp, v_fp, fp_pos, key, value, slots, positions)
+    k_fp.index_copy_(2, slots, key.to(k_fp.dtype))
+    v_fp.index_copy_(2, slots, value.to(v_fp.dtype))
+    fp_pos.index_copy_(1, slots, positions)

@@ -134,6 +134,7 @@ class KVStore:
         self._slots: list[int] = []  # position held by each used fp slot (shared by the batch)
         self._pinned: set[int] = set()
         self._n_tokens = 0
+        self._fixed = False
 
     # ---- what is held ----------------------------------------------------------------------
 
@@ -215,11 +216,26 @@ class KVStore:
         per_block = self.group_size * self.head_dim * max_bits // 8
         self._ensure_blocks(blocks, blocks * per_block, blocks * per_block, exact=True)
         self._ensure_slots(fp_tokens, exact=True)
+        self._fixed = True
+
+    @property
+    def fixed(self) -> bool:
+        """True after :meth:`reserve`: tensors keep their addresses and shapes (no growth, no
+        shrinking), which a compiled decode step relies on."""
+        return self._fixed
+
+    def _check_fixed(self, what: str, needed: int, cap: int) -> None:
+        if self._fixed:
+            raise RuntimeError(
+                f"KVStore: {what} needs capacity {needed} but the store was reserved for {cap}; "
+                "reserve() more before decoding"
+            )
 
     def _ensure_slots(self, needed: int, exact: bool = False) -> None:
         cap = self.k_fp.shape[2]
         if needed <= cap:
             return
+        self._check_fixed("full-precision slots", needed, cap)
         new = needed if exact else max(needed, int(cap * _GROWTH), 16)
         self.k_fp = _grow(self.k_fp, 2, new)
         self.v_fp = _grow(self.v_fp, 2, new)
@@ -230,6 +246,11 @@ class KVStore:
             return need if exact else max(need, int(cap * _GROWTH))
 
         G = self.group_size
+        for what, need, cap in (("key codes", k_bytes, self.k_codes.shape[2]),
+                                ("value codes", v_bytes, self.v_codes.shape[2]),
+                                ("blocks", blocks, self.k_bits.shape[0])):
+            if need > cap:
+                self._check_fixed(what, need, cap)
         if k_bytes > self.k_codes.shape[2]:
             self.k_codes = _grow(self.k_codes, 2, size(self.k_codes.shape[2], k_bytes))
         if v_bytes > self.v_codes.shape[2]:
@@ -292,17 +313,23 @@ class KVStore:
                 f"KVStore.append: valid must be bool [batch={self.batch_size}, tokens={n}], got "
                 f"{valid.dtype} {list(valid.shape)}"
             )
+        slots, positions = self.prepare_append(n, valid)
+        ops.write_tokens(self.k_fp, self.v_fp, self.fp_pos, key, value, slots, positions)
+
+    def prepare_append(self, n: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Book slots for `n` new tokens and return ``(slots [n], positions [batch, n])`` for
+        ``kvq.write_tokens``; :meth:`append` is this plus the write. Split so that a compiled
+        decode step can do the write itself (see :mod:`torchkvq.static`)."""
         f = len(self._slots)
         self._ensure_slots(f + n)
-        self.k_fp[:, :, f : f + n].copy_(key)
-        self.v_fp[:, :, f : f + n].copy_(value)
+        slots = torch.arange(f, f + n, device=self.device)
         pos = torch.arange(self._n_tokens, self._n_tokens + n, device=self.device)
         pos = pos.expand(self.batch_size, n)
         if valid is not None:
             pos = torch.where(valid.to(self.device), pos, -1)
-        self.fp_pos[:, f : f + n].copy_(pos)
         self._slots.extend(range(self._n_tokens, self._n_tokens + n))
         self._n_tokens += n
+        return slots, pos.contiguous()
 
     def mark_padding(self, valid: torch.Tensor) -> None:
         """Mark padding among the newest ``valid.shape[1]`` tokens (still in full precision).
@@ -441,7 +468,7 @@ class KVStore:
         self.fp_pos[:, n:f] = -1
         self._slots = [self._slots[i] for i in keep]
         cap = self.k_fp.shape[2]
-        if cap > 2 * n + 64:  # e.g. after a long prefill was quantized: give the slack back
+        if cap > 2 * n + 64 and not self._fixed:  # e.g. after a long prefill: give the slack back
             new = n + n // 4 + 32
             self.k_fp = self.k_fp[:, :, :new].clone()
             self.v_fp = self.v_fp[:, :, :new].clone()

@@ -20,7 +20,8 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
                                 window_dtype=torch.float16),
     # window 48 keeps ~135 tokens in full precision on average, as KIVI's R = 128 does (128..159)
     "logquant-2": lambda: LogQuant(window=48, bits=2, window_dtype=torch.float16),
-    "qaq": lambda: QAQ(window_dtype=torch.float16),
+    # budgets that land mostly at 2 bits, near KIVI-2's bytes (plus 1% outliers)
+    "qaq": lambda: QAQ(key_error=2.0, value_error=8.0, window_dtype=torch.float16),
 }
 
 
