@@ -21,10 +21,10 @@ def kvq_attention_forward(
     With a :class:`~torchkvq.hf.KVQCache`, `key`/`value` are only the new tokens (tagged with
     their layer). Padding found in the first chunk's mask is marked in the store. The first
     chunk attends to its own full-precision keys and values with SDPA - exactly, as KIVI's
-    prefill does - and then the policy quantizes what it wants. Every later chunk (and the
-    first one when the policy needs attention statistics) runs ``kvq.quant_attention`` over
-    the store (causal, GQA-aware) after the policy has quantized: the history is never
-    dequantized into a full-precision tensor. Without a KVQCache (e.g. a plain DynamicCache),
+    prefill does (a policy that needs attention statistics gets those of the last few prompt
+    queries from ``kvq.quant_attention``) - and then the policy quantizes what it wants. Every
+    later chunk runs ``kvq.quant_attention`` over the store (causal, GQA-aware) after the policy
+    has quantized: the history is never dequantized into a full-precision tensor. Without a KVQCache (e.g. a plain DynamicCache),
     `key`/`value` hold the whole history in full precision and this is SDPA.
     """
     layer = getattr(key, "_kvq_layer", None)
@@ -42,14 +42,20 @@ def kvq_attention_forward(
         valid = attention_mask[:, 0, -1, -L:].to(torch.bool)
         if not bool(valid.all()):
             store.mark_padding(valid)
-    if first and not policy.wants_stats:
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if first:
+        # Exact attention over the prompt's own full-precision keys and values, as KIVI does.
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                         scaling=scaling, **kwargs)
+        if policy.wants_stats:
+            # Statistics of the last few prompt queries only: they stand for the last steps.
+            recent = query[:, :, -policy.prefill_stats_queries :]
+            _, _, stats = store.attend(recent, scale=scale, causal=True, return_stats=True)
+            policy.observe(store, layer.state, stats, recent * scale)
         policy.after_append(store, layer.state)
         return out, None
     policy.after_append(store, layer.state)
-    out, _, stats = store.attend(query, scale=scaling, causal=True, return_stats=policy.wants_stats)
+    out, _, stats = store.attend(query, scale=scale, causal=True, return_stats=policy.wants_stats)
     if policy.wants_stats:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         policy.observe(store, layer.state, stats, query * scale)
     return out.transpose(1, 2).contiguous(), None

@@ -32,6 +32,9 @@ class Policy(ABC):
     window_dtype: torch.dtype | None = None
     #: Whether :meth:`observe` needs attention statistics (costs a second pass over the store).
     wants_stats: bool = False
+    #: With :attr:`wants_stats`: how many of the prompt's last queries report statistics at
+    #: prefill (the prompt itself is attended to with SDPA).
+    prefill_stats_queries: int = 1
 
     @property
     @abstractmethod

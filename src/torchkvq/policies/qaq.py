@@ -115,6 +115,10 @@ class QAQ(Policy):
             scale_dtype=self.scale_dtype, key_outliers=o, value_outliers=o,
         )
 
+    @property
+    def prefill_stats_queries(self) -> int:  # the prompt's last queries stand for the last steps
+        return self.attention_window
+
     def new_state(self) -> QAQState:
         return QAQState(self.attention_window, recent=torch.zeros(self.attention_window, 0))
 
