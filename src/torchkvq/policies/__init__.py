@@ -22,6 +22,9 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "logquant-2": lambda: LogQuant(window=48, bits=2, window_dtype=torch.float16),
     # budgets that land mostly at 2 bits, near KIVI-2's bytes (plus 1% outliers)
     "qaq": lambda: QAQ(key_error=2.0, value_error=8.0, window_dtype=torch.float16),
+    # the same budgets without outliers: lands at KIVI-2's bytes
+    "qaq-no-outliers": lambda: QAQ(key_error=2.0, value_error=8.0, outlier_fraction=0.0,
+                                   window_dtype=torch.float16),
 }
 
 
