@@ -248,7 +248,8 @@ def quant_attention(
     pos = torch.cat([q_pos, fp_pos], dim=1)
     mask = valid[:, None, :].expand(B, L, T)
     if causal:
-        end = torch.where(valid, pos, -1).amax(dim=1) + 1  # one past the newest position held
+        held = torch.where(valid, pos, -1)
+        end = (held.amax(dim=1) if T else held.new_full((B,), -1)) + 1  # one past the newest held
         q_positions = end[:, None] - L + torch.arange(L, device=query.device)
         mask = mask & (pos[:, None, :] <= q_positions[:, :, None])
     g = Hq // Hkv
