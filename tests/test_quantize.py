@@ -715,11 +715,6 @@ def test_compiled_call_raises_the_kernel_message():
         fn(random_tensor(X, torch.float32, 0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the C++ checks print dtypes as c10 names ('Double', 'BFloat16') while "
-    "the fakes/reference print 'torch.float64', so messages differ between eager and compile",
-)
 @pytest.mark.parametrize("case", ["float64_input", "bfloat16_scales"])
 def test_quantize_fake_dtype_message_matches_kernel(case):
     make_args, _ = QUANTIZE_DTYPE_ERRORS[case]

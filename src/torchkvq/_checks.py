@@ -8,6 +8,17 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# c10's names, so that these messages read exactly like the C++ kernels' (which print ScalarType).
+_C10_NAMES = {
+    torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+}
+
+
+def _dt(dtype: torch.dtype | None) -> str:
+    return _C10_NAMES.get(dtype, str(dtype))
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
@@ -37,11 +48,11 @@ def check_quantize(
     check_bits_and_group(op, bits, group_size)
     torch._check(
         x.dtype in FLOAT_DTYPES,
-        lambda: f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}",
+        lambda: f"{op}: x must be float32, float16 or bfloat16, got {_dt(x.dtype)}",
     )
     torch._check(
         scale_dtype is None or scale_dtype in SCALE_DTYPES,
-        lambda: f"{op}: scale_dtype must be float16 or float32, got {scale_dtype}",
+        lambda: f"{op}: scale_dtype must be float16 or float32, got {_dt(scale_dtype)}",
     )
     ax = normalize_axis(op, "x", axis, x.dim())
     torch._check(x.numel() > 0, lambda: f"{op}: x must not be empty, got shape {list(x.shape)}")
@@ -65,18 +76,18 @@ def check_dequantize(
     """Validate kvq::dequantize arguments; returns (axis, number of elements along it)."""
     op = "kvq::dequantize"
     check_bits_and_group(op, bits, group_size)
-    torch._check(codes.dtype == torch.uint8, lambda: f"{op}: codes must be uint8, got {codes.dtype}")
+    torch._check(codes.dtype == torch.uint8, lambda: f"{op}: codes must be uint8, got {_dt(codes.dtype)}")
     torch._check(
         scale.dtype in SCALE_DTYPES,
-        lambda: f"{op}: scale must be float16 or float32, got {scale.dtype}",
+        lambda: f"{op}: scale must be float16 or float32, got {_dt(scale.dtype)}",
     )
     torch._check(
         zero.dtype == scale.dtype,
-        lambda: f"{op}: zero must have the dtype of scale ({scale.dtype}), got {zero.dtype}",
+        lambda: f"{op}: zero must have the dtype of scale ({_dt(scale.dtype)}), got {_dt(zero.dtype)}",
     )
     torch._check(
         dtype in FLOAT_DTYPES,
-        lambda: f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}",
+        lambda: f"{op}: dtype must be float32, float16 or bfloat16, got {_dt(dtype)}",
     )
     torch._check(
         scale.device == codes.device and zero.device == codes.device,
@@ -116,7 +127,7 @@ def with_axis(shape: torch.Size | list[int], axis: int, size: int) -> list[int]:
 def _check_float(op: str, name: str, t: torch.Tensor) -> None:
     torch._check(
         t.dtype in FLOAT_DTYPES,
-        lambda: f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}",
+        lambda: f"{op}: {name} must be float32, float16 or bfloat16, got {_dt(t.dtype)}",
     )
 
 
@@ -154,11 +165,11 @@ def _check_outliers(
         return
     torch._check(
         index.dtype == torch.int16,
-        lambda: f"{op}: {prefix}index must be int16, got {index.dtype}",
+        lambda: f"{op}: {prefix}index must be int16, got {_dt(index.dtype)}",
     )
     torch._check(
         value.dtype == value_dtype,
-        lambda: f"{op}: {prefix}value must have {dtype_of}'s dtype {value_dtype}, got {value.dtype}",
+        lambda: f"{op}: {prefix}value must have {dtype_of}'s dtype {_dt(value_dtype)}, got {_dt(value.dtype)}",
     )
     torch._check(
         index.dim() == len(rows) + 1 and list(index.shape[:-1]) == list(rows),
@@ -280,29 +291,29 @@ def check_quant_attention(
     F = k_fp.shape[2]
     _check_float(op, "k_fp", k_fp)
     _check_shape(op, "k_fp", k_fp, [B, Hkv, F, D], "batch, kv heads, fp tokens, head_dim")
-    torch._check(v_fp.dtype == k_fp.dtype, lambda: f"{op}: v_fp must have k_fp's dtype {k_fp.dtype}, got {v_fp.dtype}")
+    torch._check(v_fp.dtype == k_fp.dtype, lambda: f"{op}: v_fp must have k_fp's dtype {_dt(k_fp.dtype)}, got {_dt(v_fp.dtype)}")
     _check_shape(op, "v_fp", v_fp, [B, Hkv, F, D], "the shape of k_fp")
-    torch._check(fp_pos.dtype == torch.int64, lambda: f"{op}: fp_pos must be int64, got {fp_pos.dtype}")
+    torch._check(fp_pos.dtype == torch.int64, lambda: f"{op}: fp_pos must be int64, got {_dt(fp_pos.dtype)}")
     _check_shape(op, "fp_pos", fp_pos, [B, F], "one position per batch row and fp token, -1 for an empty slot")
     for name, t in (("k_bits", k_bits), ("v_bits", v_bits)):
-        torch._check(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {t.dtype}")
+        torch._check(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {_dt(t.dtype)}")
         torch._check(t.dim() == 1, lambda: f"{op}: {name} must be 1-D (one width per block), got rank {t.dim()}")
     NB = k_bits.shape[0]
     _check_shape(op, "v_bits", v_bits, [NB], "one width per block, like k_bits")
     for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
-        torch._check(t.dtype == torch.uint8, lambda: f"{op}: {name} must be uint8, got {t.dtype}")
+        torch._check(t.dtype == torch.uint8, lambda: f"{op}: {name} must be uint8, got {_dt(t.dtype)}")
         torch._check(
             t.dim() == 3 and list(t.shape[:2]) == [B, Hkv],
             lambda: f"{op}: {name} must be [batch, kv_heads, bytes] = [{B}, {Hkv}, n], got {list(t.shape)}",
         )
     for name, t in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
         torch._check(
-            t.dtype in SCALE_DTYPES, lambda: f"{op}: {name} must be float16 or float32, got {t.dtype}"
+            t.dtype in SCALE_DTYPES, lambda: f"{op}: {name} must be float16 or float32, got {_dt(t.dtype)}"
         )
     for name, t in (("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
         torch._check(
             t.dtype == k_scale.dtype,
-            lambda: f"{op}: scales and zeros must all have k_scale's dtype {k_scale.dtype}, got {t.dtype}",
+            lambda: f"{op}: scales and zeros must all have k_scale's dtype {_dt(k_scale.dtype)}, got {_dt(t.dtype)}",
         )
     Q = NB * group_size
     _check_shape(op, "k_scale", k_scale, [B, Hkv, NB, D], "one per block and channel")
@@ -310,7 +321,7 @@ def check_quant_attention(
     _check_shape(op, "v_scale", v_scale, [B, Hkv, Q, D // v_group_size], "one per token and channel group")
     _check_shape(op, "v_zero", v_zero, [B, Hkv, Q, D // v_group_size], "the shape of v_scale")
     if q_exclude is not None:
-        torch._check(q_exclude.dtype == torch.bool, lambda: f"{op}: q_exclude must be bool, got {q_exclude.dtype}")
+        torch._check(q_exclude.dtype == torch.bool, lambda: f"{op}: q_exclude must be bool, got {_dt(q_exclude.dtype)}")
         _check_shape(op, "q_exclude", q_exclude, [B, Q], "one flag per batch row and quantized token")
     _check_outliers(op, "k_outlier_", k_outlier_index, k_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp")
     _check_outliers(op, "v_outlier_", v_outlier_index, v_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp")
@@ -345,11 +356,11 @@ def check_write_tokens(
     n = key.shape[2]
     torch._check(
         slots.dtype == torch.int64 and list(slots.shape) == [n],
-        lambda: f"{op}: slots must be int64 [{n}], got {slots.dtype} {list(slots.shape)}",
+        lambda: f"{op}: slots must be int64 [{n}], got {_dt(slots.dtype)} {list(slots.shape)}",
     )
     torch._check(
         positions.dtype == torch.int64 and list(positions.shape) == [B, n],
-        lambda: f"{op}: positions must be int64 [{B}, {n}], got {positions.dtype} {list(positions.shape)}",
+        lambda: f"{op}: positions must be int64 [{B}, {n}], got {_dt(positions.dtype)} {list(positions.shape)}",
     )
     torch._check(
         fp_pos.dtype == torch.int64 and list(fp_pos.shape) == [B, F],
