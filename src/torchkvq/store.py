@@ -292,6 +292,11 @@ class KVStore:
             raise ValueError(f"KVStore.append: {name} is on {t.device} but the store is on {self.device}")
         if not torch.isfinite(t).all():
             raise ValueError(f"KVStore.append: {name} contains NaN or Inf; the store was left unchanged")
+        if t.dtype != self.dtype and t.abs().amax() > torch.finfo(self.dtype).max:
+            raise ValueError(
+                f"KVStore.append: {name} holds values beyond {self.dtype}'s range (the store's "
+                f"dtype), which would become Inf; use a wider dtype. The store was left unchanged"
+            )
         return t.shape[2]
 
     def append(self, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -469,7 +474,7 @@ class KVStore:
         self._slots = [self._slots[i] for i in keep]
         cap = self.k_fp.shape[2]
         if cap > 2 * n + 64 and not self._fixed:  # e.g. after a long prefill: give the slack back
-            new = n + n // 4 + 32
+            new = max(n, 1)
             self.k_fp = self.k_fp[:, :, :new].clone()
             self.v_fp = self.v_fp[:, :, :new].clone()
             self.fp_pos = self.fp_pos[:, :new].clone()
@@ -479,6 +484,9 @@ class KVStore:
     def pin(self, positions) -> None:
         """Keep these tokens in full precision; they must still be held in full precision."""
         positions = set(int(p) for p in positions)
+        future = sorted(p for p in positions if not 0 <= p < self._n_tokens)
+        if future:
+            raise ValueError(f"KVStore.pin: positions {future[:8]} are not held (the store holds 0..{self._n_tokens - 1})")
         missing = positions - set(self._slots)
         if missing:
             raise ValueError(
@@ -531,6 +539,11 @@ class KVStore:
         are the quantized positions ``[0, block capacity * group_size)`` then the fp slots (see
         :attr:`fp_positions`).
         """
+        if query.dim() != 4 or query.shape[2] > self._n_tokens:
+            raise ValueError(
+                f"KVStore.attend: query must be [batch, q_heads, L, head_dim] with L <= the "
+                f"{self._n_tokens} tokens held (queries are the newest tokens), got {list(query.shape)}"
+            )
         if scale is None:
             scale = self.head_dim**-0.5
         return ops.quant_attention(

@@ -54,7 +54,7 @@ class KIVI(Policy):
             raise ValueError(f"KIVI: residual and sinks must be >= 0, got {self.residual} and {self.sinks}")
 
     def after_append(self, store: KVStore, state: Any) -> None:
-        if self.sinks and store.n_quantized == 0:
+        if self.sinks:  # sinks arrive in full precision and are pinned before any flush
             store.pin(p for p in range(min(self.sinks, store.n_tokens)) if p not in store.pinned)
         ready = (store.n_tokens - self.residual - store.n_quantized) // store.group_size
         if ready > 0:
