@@ -63,7 +63,7 @@ class KVStore:
         device: where every tensor lives.
         group_size: tokens per quantized block, i.e. the key group size (multiple of 8).
         value_group_size: channels per value group; a multiple of 8 dividing `head_dim`
-            (default: ``min(group_size, head_dim)``).
+            (default: the largest such number up to `group_size`).
         scale_dtype: dtype of scales and zero points (float16 or float32).
         key_outliers, value_outliers: per-token outlier capacity of keys and values.
     """
@@ -82,7 +82,9 @@ class KVStore:
         key_outliers: Outliers = Outliers(),
         value_outliers: Outliers = Outliers(),
     ) -> None:
-        vg = value_group_size if value_group_size is not None else min(group_size, head_dim)
+        # Default: the widest multiple of 8 up to group_size that divides head_dim (80 -> 16).
+        vg = value_group_size if value_group_size is not None else max(
+            [v for v in range(8, min(group_size, head_dim) + 1, 8) if head_dim % v == 0], default=0)
         for name, v in (("batch_size", batch_size), ("kv_heads", kv_heads), ("head_dim", head_dim)):
             if v < 1:
                 raise ValueError(f"KVStore: {name} must be >= 1, got {v}")

@@ -26,9 +26,20 @@ def enable(model, policy: Policy) -> KVQCache:
     The model keeps working with ordinary caches (attention is then plain SDPA). Build a new
     ``KVQCache(model.config, policy)`` for every new sequence batch.
     """
+    previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"torchkvq.hf.enable: {type(model).__name__} does not use transformers' attention "
+                "interface (it kept its own attention), so KVQCache cannot serve it"
+            )
+        cache = KVQCache(model.config, policy)
+    except Exception:
+        model.set_attn_implementation(previous)  # a refused model is left as it was
+        raise
     model.eval()
-    return KVQCache(model.config, policy)
+    return cache
 
 
 __all__ = ["enable", "KVQCache", "KVQLayer", "kvq_attention_forward", "ATTN_IMPLEMENTATION"]

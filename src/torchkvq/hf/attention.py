@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .cache import PENDING
+
 
 def kvq_attention_forward(
     module: torch.nn.Module,
@@ -28,6 +30,13 @@ def kvq_attention_forward(
     `key`/`value` hold the whole history in full precision and this is SDPA.
     """
     layer = getattr(key, "_kvq_layer", None)
+    pending, PENDING.layer = getattr(PENDING, "layer", None), None
+    if layer is None and pending is not None:
+        raise NotImplementedError(
+            f"torchkvq attention: {type(module).__name__} transforms the cached keys between "
+            "Cache.update and attention (e.g. repeats them), so it cannot read a compressed "
+            "store; this model is not supported by KVQCache"
+        )
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -12,6 +13,10 @@ from ..store import KVStore
 
 #: Name under which torchkvq's attention function is registered with transformers.
 ATTN_IMPLEMENTATION = "kvq"
+
+#: The layer whose update ran last on this thread and whose attention has not run yet: lets the
+#: attention function notice a model that replaced the tagged keys in between.
+PENDING = threading.local()
 
 
 class KVQLayer(CacheLayerMixin):
@@ -44,6 +49,7 @@ class KVQLayer(CacheLayerMixin):
         assert self.store is not None
         self.store.append(key_states, value_states)
         key_states._kvq_layer = self  # how the attention function finds this layer's store
+        PENDING.layer = self
         return key_states, value_states
 
     def get_seq_length(self) -> int:
