@@ -214,7 +214,10 @@ void run_attention(Attention<TQ, TF, S>& a, at::Tensor& out, at::Tensor& lse, at
   TQ* op = out.mutable_data_ptr<TQ>();
   float* lp = lse.mutable_data_ptr<float>();
   std::vector<float> lse_rows(pairs * a.rows);
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+  // The merge is light: run it on the calling thread unless there is a lot of it, since each
+  // parallel region costs a wake-up of every worker.
+  const int64_t merge_grain = std::max<int64_t>(1, (int64_t{1} << 16) / (a.rows * a.D * splits));
+  at::parallel_for(0, pairs, merge_grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(a.D);
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = pair / a.Hkv, h = pair % a.Hkv;
