@@ -79,8 +79,9 @@ def plot(table_rows: list[dict], path: pathlib.Path, title: str) -> None:
     for kind, c in colors.items():
         ax.scatter([], [], color=c, label=kind)
     ax.axhline(0, color="grey", lw=0.8)
+    ax.set_yscale("symlog", linthresh=1.0)  # near-lossless methods and collapses on one plot
     ax.set_xlabel("KV bytes held: compression vs an fp16 cache (×, metadata and fp windows included)")
-    ax.set_ylabel("Δ perplexity vs full-precision cache (%)")
+    ax.set_ylabel("Δ perplexity vs full-precision cache (%, symlog)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
