@@ -99,94 +99,10 @@ def _run_eval(args) -> int:
     return 0
 
 
-def _compress_heads_parser(sub) -> None:
-    p = sub.add_parser(
-        "compress-heads",
-        help="merge groups of KV heads into one (fewer KV heads, RoPE-aware) and save the model",
-        description="Low-rank KV-head merging (docs/heads.md): calibrate on wiki text, merge every "
-        "group of adjacent KV heads into one shared head, fold the reconstructions into the query "
-        "and output projections, and save an ordinary transformers model (+ tokenizer) to --out.",
-    )
-    p.add_argument("--model", default="smollm2-135m",
-                   help="the bundled SmolLM2-135M (default) or a local transformers causal-LM folder")
-    p.add_argument("--kv-heads", type=int, required=True, help="new number of KV heads (must divide the current one)")
-    p.add_argument("--init", choices=["activations", "weights"], default="activations",
-                   help="PCA of calibration activations (default) or of the weights alone")
-    p.add_argument("--calibration-tokens", type=int, default=8192,
-                   help="wiki tokens to calibrate on (default 8192; ignored with --init weights)")
-    p.add_argument("--calibration-offset", type=int, default=0,
-                   help="token offset of the calibration text in the wiki corpus (default 0)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--key-weighting", choices=["query", "none"], default="query",
-                   help="weight each head's key error by the energy of its queries (default) or not")
-    p.add_argument("--value-weighting", choices=["output", "none"], default="output",
-                   help="measure value error through o_proj (default) or plainly")
-    p.add_argument("--one-pass", action="store_true",
-                   help="calibrate every layer on one pass of the original model (default: layer by "
-                   "layer on the merged model's own hidden states, with an o_proj refit)")
-    p.add_argument("--no-refit", action="store_true", help="skip the least-squares o_proj refit")
-    p.add_argument("--ridge", type=float, default=1e-2, help="ridge of the o_proj refit (default 0.01)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", type=pathlib.Path, required=True, help="folder for the compressed model")
-    p.set_defaults(func=_run_compress_heads)
-
-
-def _run_compress_heads(args) -> int:
-    import json
-    import time
-
-    import torch
-
-    from .eval import corpus, model as model_lib
-    from .heads import compress
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = model_lib.load_model(args.model)
-    calib = None
-    if args.init == "activations":
-        if args.calibration_tokens < 1 or args.seq_len < 1:
-            raise SystemExit("torchkvq compress-heads: --calibration-tokens and --seq-len must be >= 1")
-        seq_len = min(args.seq_len, args.calibration_tokens)
-        n = max(1, args.calibration_tokens // seq_len)
-        calib = corpus.token_sequences(tokenizer, corpus.wiki_corpus_text(), n, seq_len,
-                                       args.calibration_offset)
-    start = time.perf_counter()
-    try:
-        compress(model, calib, kv_heads=args.kv_heads, init=args.init,
-                 key_weighting=args.key_weighting, value_weighting=args.value_weighting,
-                 sequential=not args.one_pass, refit=not args.no_refit, ridge=args.ridge, progress=True)
-    except (ValueError, NotImplementedError) as e:
-        raise SystemExit(f"torchkvq compress-heads: {e}")
-    elapsed = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    rep = model.torchkvq_heads_report
-    info = {"model": str(args.model), "old_kv_heads": rep.old_kv_heads, "kv_heads": rep.kv_heads,
-            "init": rep.init, "method": rep.method if rep.init == "activations" else "weights",
-            "key_weighting": rep.key_weighting, "value_weighting": rep.value_weighting,
-            "calibration_tokens": rep.calibration_tokens, "calibration_offset": args.calibration_offset,
-            "seconds": round(elapsed, 1),
-            "key_energy_kept": [round(r.key_energy, 4) for r in rep.layers],
-            "value_energy_kept": [round(r.value_energy, 4) for r in rep.layers],
-            "o_proj_residual": [None if r.output_residual is None else round(r.output_residual, 4)
-                                for r in rep.layers]}
-    (args.out / "torchkvq_heads.json").write_text(json.dumps(info, indent=1))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    print(f"{rep.old_kv_heads} -> {rep.kv_heads} KV heads in {elapsed:.1f} s "
-          f"(calibration {rep.calibration_tokens} tokens); energy kept: keys "
-          f"{mean(info['key_energy_kept']):.3f}, values {mean(info['value_energy_kept']):.3f}. "
-          f"Saved to {args.out}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchkvq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
-    _compress_heads_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
