@@ -627,15 +627,9 @@ def test_compiled_call_raises_the_kernel_message():
         fn(*a.args())
 
 
-# Kernel and fake messages that differ today (the regexes above accept both). DESIGN.md: the
-# fakes check "the same shapes" with the kernel's messages; these pin the mismatch.
-MESSAGE_MISMATCHES = ["k_bits_int64", "k_codes_int8", "v_codes_batch", "k_index_shape",
-                      "k_index_too_many"]
-
-
-@pytest.mark.xfail(strict=True, reason="known: kernel (csrc/attention_args.h) and fake "
-                   "(_checks.py) word these errors differently")
-@pytest.mark.parametrize("case", MESSAGE_MISMATCHES)
+# DESIGN.md: the fakes check the same shapes with the kernel's messages, word for word (the
+# regexes above would accept some rewordings).
+@pytest.mark.parametrize("case", list(BAD))
 def test_fake_message_equals_kernel_message(case):
     args = BAD[case][0]().args()
     with pytest.raises(RuntimeError) as kernel:

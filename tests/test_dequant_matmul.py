@@ -316,14 +316,7 @@ def test_rejects(case):
         dequant_matmul(*make())
 
 
-# Cases whose fake message equals the kernel's (the dtype-printing ones differ: c10 names vs
-# torch.float64, a known mismatch tracked in test_quantize.py).
-FAKE_CASES = ["codes_rank1", "axis_leading", "axis_leading_negative", "axis_out_of_range",
-              "bits_9", "scale_shape", "leading_dims", "a_rank", "inner_dim",
-              "inner_dim_no_transpose", "index_without_value", "value_without_index", "value_shape"]
-
-
-@pytest.mark.parametrize("case", FAKE_CASES)
+@pytest.mark.parametrize("case", list(BAD))
 def test_fake_rejects(case):
     make, msg = BAD[case]
     args = make()
@@ -332,9 +325,7 @@ def test_fake_rejects(case):
             dequant_matmul(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
-@pytest.mark.xfail(strict=True, reason="known: kernel (csrc/matmul_args.h) and fake (_checks.py) "
-                   "word these errors differently")
-@pytest.mark.parametrize("case", ["leading_dims", "index_shape"])
+@pytest.mark.parametrize("case", list(BAD))
 def test_fake_message_equals_kernel_message(case):
     args = BAD[case][0]()
     with pytest.raises(RuntimeError) as kernel:

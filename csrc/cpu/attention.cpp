@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_args.h"
@@ -58,72 +59,124 @@ struct Attention {
   std::vector<int64_t> end_pos;  // per batch row: one past the newest position held
 
   int64_t tiles() const { return NB + (F + kFpTile - 1) / kFpTile; }
+  int64_t cap() const { return std::max(G, kFpTile); }
 
-  // Loads tile `t` for (b, h) into float K/V buffers with positions and validity; returns the
-  // number of tokens in the tile, 0 when it holds nothing to attend to.
-  int64_t load_tile(int64_t b, int64_t h, int64_t t, std::vector<float>& kt, std::vector<float>& vt,
-                    std::vector<int64_t>& pos, std::vector<uint8_t>& tmp,
-                    std::vector<float>& sbuf) const {
+  // Per-thread buffers of one tile, all small enough for L1/L2.
+  struct Scratch {
+    std::vector<float> q, qs, qz, kt, vt, s, p, w, scl, zro;
+    std::vector<int64_t> pos;
+    std::vector<uint8_t> tmp;
+  };
+  Scratch scratch(int64_t b, int64_t h) const {
+    const int64_t n = cap(), vgroups = D / VG;
+    Scratch x{std::vector<float>(rows * D), std::vector<float>(rows * D), std::vector<float>(rows),
+              std::vector<float>(n * D), std::vector<float>(n * D), std::vector<float>(rows * n),
+              std::vector<float>(rows * n), std::vector<float>(n * vgroups * rows),
+              std::vector<float>(std::max(D, G * vgroups)), std::vector<float>(std::max(D, G * vgroups)),
+              std::vector<int64_t>(n), std::vector<uint8_t>(n * D)};
+    load_queries(b, h, x.q);
+    return x;
+  }
+
+  static void to_float(const S* src, int64_t n, float* dst) {
+    if constexpr (std::is_same_v<S, float>) {
+      std::copy(src, src + n, dst);
+    } else {
+      static_assert(std::is_same_v<S, c10::Half>, "scales are float32 or float16");
+      half_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
+    }
+  }
+
+  // Scores x.s [rows, n] of every query row against tile `t` of (b, h), masked (invalid / in
+  // the future) to -inf; returns the tile's token count n, 0 when it holds nothing to attend to.
+  // Quantized keys are never dequantized: with one (scale s, zero z) per channel for the whole
+  // block, q . (s * code + z) = (q * s) . code + q . z, so the query takes the scale.
+  int64_t tile_scores(int64_t b, int64_t h, int64_t t, Scratch& x) const {
     const int64_t bh = b * Hkv + h;
+    int64_t n;
     if (t < NB) {
-      const int kb = k_bits[t], vb = v_bits[t];
-      if (kb == 0) return 0;
+      if (k_bits[t] == 0) return 0;
+      n = G;
       bool any = false;
       for (int64_t j = 0; j < G; ++j) {
         const int64_t i = t * G + j;
         const bool skip = q_exclude != nullptr && q_exclude[b * Q + i];
-        pos[j] = skip ? -1 : i;
+        x.pos[j] = skip ? -1 : i;
         any |= !skip;
       }
       if (!any) return 0;
-      float* ks = sbuf.data();
-      float* kz = ks + D;
-      for (int64_t c = 0; c < D; ++c) {
-        ks[c] = static_cast<float>(k_scale[(bh * NB + t) * D + c]);
-        kz[c] = static_cast<float>(k_zero[(bh * NB + t) * D + c]);
-      }
-      dequant_row_groups(k_codes + bh * k_pool + k_off[t], G, D, kb, ks, kz, tmp.data(), kt.data());
-      const int64_t vgroups = D / VG;
-      float* vs = sbuf.data();
-      float* vz = vs + G * vgroups;
-      for (int64_t e = 0; e < G * vgroups; ++e) {
-        vs[e] = static_cast<float>(v_scale[(bh * Q + t * G) * vgroups + e]);
-        vz[e] = static_cast<float>(v_zero[(bh * Q + t * G) * vgroups + e]);
-      }
-      dequant_col_groups(v_codes + bh * v_pool + v_off[t], G, D, VG, vb, vs, vz, tmp.data(), vt.data());
+      to_float(k_scale + (bh * NB + t) * D, D, x.scl.data());
+      to_float(k_zero + (bh * NB + t) * D, D, x.zro.data());
+      mul_columns(x.q.data(), rows, D, x.scl.data(), x.qs.data());
+      score_tile(x.q.data(), rows, x.zro.data(), 1, D, nullptr, x.qz.data());
+      unpack_rows_f32(k_codes + bh * k_pool + k_off[t], G, D, k_bits[t], x.tmp.data(), x.kt.data());
+      score_tile(x.qs.data(), rows, x.kt.data(), G, D, x.qz.data(), x.s.data());
+      // Outliers add ov at channel oi of token j: q . e_oi * ov.
       for (int64_t j = 0; j < G; ++j) {
         const int64_t row = bh * Q + t * G + j;
-        for (int64_t o = 0; o < n_k_out; ++o)
-          kt[j * D + k_oi[row * n_k_out + o]] += static_cast<float>(k_ov[row * n_k_out + o]);
-        for (int64_t o = 0; o < n_v_out; ++o)
-          vt[j * D + v_oi[row * n_v_out + o]] += static_cast<float>(v_ov[row * n_v_out + o]);
+        for (int64_t o = 0; o < n_k_out; ++o) {
+          const int64_t c = k_oi[row * n_k_out + o];
+          const float ov = static_cast<float>(k_ov[row * n_k_out + o]);
+          for (int64_t r = 0; r < rows; ++r) x.s[r * G + j] += x.q[r * D + c] * ov;
+        }
       }
-      return G;
+    } else {
+      const int64_t f0 = (t - NB) * kFpTile;
+      n = std::min(kFpTile, F - f0);
+      bool any = false;
+      for (int64_t j = 0; j < n; ++j) {
+        x.pos[j] = fp_pos[b * F + f0 + j];
+        any |= x.pos[j] >= 0;
+      }
+      if (!any) return 0;
+      const TF* ksrc = k_fp + (bh * F + f0) * D;
+      for (int64_t e = 0; e < n * D; ++e) x.kt[e] = static_cast<float>(ksrc[e]);
+      score_tile(x.q.data(), rows, x.kt.data(), n, D, nullptr, x.s.data());
     }
-    const int64_t f0 = (t - NB) * kFpTile, n = std::min(kFpTile, F - f0);
-    bool any = false;
+    // Most tiles are seen whole by every row: valid tokens, none after the earliest query.
+    int64_t newest = -1;
+    bool all_valid = true;
     for (int64_t j = 0; j < n; ++j) {
-      pos[j] = fp_pos[b * F + f0 + j];
-      any |= pos[j] >= 0;
+      newest = std::max(newest, x.pos[j]);
+      all_valid &= x.pos[j] >= 0;
     }
-    if (!any) return 0;
-    const TF* ksrc = k_fp + (bh * F + f0) * D;
-    const TF* vsrc = v_fp + (bh * F + f0) * D;
-    for (int64_t e = 0; e < n * D; ++e) {
-      kt[e] = static_cast<float>(ksrc[e]);
-      vt[e] = static_cast<float>(vsrc[e]);
+    if (all_valid && (!causal || newest <= end_pos[b] - L)) return n;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t qpos = end_pos[b] - L + r % L;
+      for (int64_t j = 0; j < n; ++j) {
+        const bool visible = x.pos[j] >= 0 && (!causal || x.pos[j] <= qpos);
+        if (!visible) x.s[r * n + j] = kNegInf;
+      }
     }
     return n;
   }
 
-  // Scores of every row against the tile's n tokens, masked (invalid / in the future) to -inf.
-  void tile_scores(int64_t b, const float* q, const float* kt, const int64_t* pos, int64_t n,
-                   float* s) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t qpos = end_pos[b] - L + r % L;
-      for (int64_t j = 0; j < n; ++j) {
-        const bool visible = pos[j] >= 0 && (!causal || pos[j] <= qpos);
-        s[r * n + j] = visible ? dot(q + r * D, kt + j * D, D) : kNegInf;
+  // acc += P . V for tile `t` with probabilities x.p [rows, n]. Quantized values stay codes:
+  // with (scale s, zero z) per token and channel group, sum_j p_j (s_j code_j + z_j) =
+  // sum_j (p_j s_j) code_j + sum_j p_j z_j, the last term one number per row and group.
+  void tile_values(int64_t b, int64_t h, int64_t t, int64_t n, Scratch& x, float* acc) const {
+    const int64_t bh = b * Hkv + h;
+    if (t >= NB) {
+      const TF* vsrc = v_fp + (bh * F + (t - NB) * kFpTile) * D;
+      for (int64_t e = 0; e < n * D; ++e) x.vt[e] = static_cast<float>(vsrc[e]);
+      accumulate_tile(x.p.data(), x.vt.data(), rows, n, D, D, acc);  // weights = probabilities
+      return;
+    }
+    const int64_t vgroups = D / VG;
+    float* vs = x.scl.data();
+    float* vz = x.zro.data();
+    to_float(v_scale + (bh * Q + t * G) * vgroups, G * vgroups, vs);
+    to_float(v_zero + (bh * Q + t * G) * vgroups, G * vgroups, vz);
+    value_weights(x.p.data(), rows, G, vs, vz, D, VG, x.kt.data() /* keys are done with */,
+                  x.w.data(), acc);
+    unpack_runs_f32(v_codes + bh * v_pool + v_off[t], G, D, v_bits[t], x.tmp.data(), x.vt.data());
+    accumulate_tile(x.w.data(), x.vt.data(), rows, n, D, VG, acc);
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t row = bh * Q + t * G + j;
+      for (int64_t o = 0; o < n_v_out; ++o) {
+        const int64_t c = v_oi[row * n_v_out + o];
+        const float ov = static_cast<float>(v_ov[row * n_v_out + o]);
+        for (int64_t r = 0; r < rows; ++r) acc[r * D + c] += x.p[r * n + j] * ov;
       }
     }
   }
@@ -140,57 +193,44 @@ struct Attention {
 
   // Online softmax over tiles [t0, t1) of (b, h).
   void run(int64_t b, int64_t h, int64_t t0, int64_t t1, RowState& st) const {
-    const int64_t cap = std::max(G, kFpTile);
-    std::vector<float> q(rows * D), kt(cap * D), vt(cap * D), s(rows * cap);
-    std::vector<float> sbuf(std::max<int64_t>(2 * D, 2 * G * (D / VG)));
-    std::vector<int64_t> pos(cap);
-    std::vector<uint8_t> tmp(cap * D);
-    load_queries(b, h, q);
+    Scratch x = scratch(b, h);
     st.reset(rows, D);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = load_tile(b, h, t, kt, vt, pos, tmp, sbuf);
+      const int64_t n = tile_scores(b, h, t, x);
       if (n == 0) continue;
-      tile_scores(b, q.data(), kt.data(), pos.data(), n, s.data());
+      bool any = false;
       for (int64_t r = 0; r < rows; ++r) {
-        float* sr = s.data() + r * n;
-        float mx = st.m[r];
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
-        if (mx == kNegInf) continue;  // this row sees nothing in the tile or before it
-        const float alpha = std::exp(st.m[r] - mx);
-        float* acc = st.acc.data() + r * D;
-        if (alpha != 1.f) scale_inplace(alpha, acc, D);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-          if (sr[j] == kNegInf) continue;
-          const float p = std::exp(sr[j] - mx);
-          sum += p;
-          axpy(p, vt.data() + j * D, acc, D);
+        const float* sr = x.s.data() + r * n;
+        float* pr = x.p.data() + r * n;
+        const float mx = max_of(sr, n, st.m[r]);
+        if (mx == kNegInf) {  // this row sees nothing in the tile or before it
+          std::fill(pr, pr + n, 0.f);
+          continue;
         }
-        st.l[r] = st.l[r] * alpha + sum;
+        any = true;
+        const float alpha = std::exp(st.m[r] - mx);
+        if (alpha != 1.f) scale_inplace(alpha, st.acc.data() + r * D, D);
+        st.l[r] = st.l[r] * alpha + exp_shifted(sr, n, mx, pr);
         st.m[r] = mx;
       }
+      if (any) tile_values(b, h, t, n, x, st.acc.data());
     }
   }
 
   // Per held token, the largest probability any row gives it (needs the final lse).
   void stats(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* lse, float* out) const {
-    const int64_t cap = std::max(G, kFpTile);
-    std::vector<float> q(rows * D), kt(cap * D), vt(cap * D), s(rows * cap);
-    std::vector<float> sbuf(std::max<int64_t>(2 * D, 2 * G * (D / VG)));
-    std::vector<int64_t> pos(cap);
-    std::vector<uint8_t> tmp(cap * D);
-    load_queries(b, h, q);
+    Scratch x = scratch(b, h);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t first = t < NB ? t * G : Q + (t - NB) * kFpTile;
-      const int64_t n = load_tile(b, h, t, kt, vt, pos, tmp, sbuf);
       const int64_t width = t < NB ? G : std::min(kFpTile, F - (t - NB) * kFpTile);
       std::fill(out + first, out + first + width, 0.f);
+      const int64_t n = tile_scores(b, h, t, x);
       if (n == 0) continue;
-      tile_scores(b, q.data(), kt.data(), pos.data(), n, s.data());
       for (int64_t r = 0; r < rows; ++r) {
         if (lse[r] == kNegInf) continue;
-        for (int64_t j = 0; j < n; ++j)
-          out[first + j] = std::max(out[first + j], std::exp(s[r * n + j] - lse[r]));
+        float* pr = x.p.data() + r * n;
+        exp_shifted(x.s.data() + r * n, n, lse[r], pr);
+        for (int64_t j = 0; j < n; ++j) out[first + j] = std::max(out[first + j], pr[j]);
       }
     }
   }

@@ -1,9 +1,15 @@
 #include "cpu/tiles.h"
 
+#include <algorithm>
+
 #include "cpu/bitpack.h"
 #include "cpu/simd.h"
 
 namespace kvq::cpu {
+
+using vec::f8;
+using vec::i8;
+using vec::u8;
 
 KVQ_SIMD float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -40,6 +46,301 @@ KVQ_SIMD void dequant_col_groups(const uint8_t* packed, int64_t rows, int64_t wi
       for (int64_t c = g * group; c < (g + 1) * group; ++c)
         out[r * width + c] = static_cast<float>(tmp[c]) * s + z;
     }
+  }
+}
+
+// ---- attention over codes
+
+namespace {
+
+// Keys, BITS dividing 8: within a chunk of 8 rows, packed row k holds rows k*PER + m (PER =
+// 8/BITS) of every column at bit shift m*BITS (bitpack.h), so each packed byte fans out to PER
+// output rows with one shift and mask each. A plain loop: the vectorizer widens the bytes with
+// vpmovzx once for all PER rows (GCC's generic vectors would not).
+template <int BITS>
+KVQ_INLINE void unpack_rows_pow2(const uint8_t* packed, int64_t rows, int64_t width,
+                                 float* out) {
+  constexpr int PER = 8 / BITS, MASK = (1 << BITS) - 1;
+  for (int64_t c = 0; c < rows / 8; ++c)
+    for (int k = 0; k < BITS; ++k) {
+      const uint8_t* src = packed + (c * BITS + k) * width;
+      float* dst = out + (c * 8 + k * PER) * width;
+      for (int64_t w = 0; w < width; ++w) {
+        const int byte = src[w];
+        for (int m = 0; m < PER; ++m)
+          dst[m * width + w] = static_cast<float>((byte >> (m * BITS)) & MASK);
+      }
+    }
+}
+
+// Values, BITS <= 4: 8 consecutive codes of a run are BITS bytes, code m at bit m*BITS of
+// their little-endian word.
+template <int BITS>
+KVQ_INLINE void unpack_runs_narrow(const uint8_t* packed, int64_t rows, int64_t width,
+                                   float* out) {
+  const u8 shifts = {0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS};
+  const u8 mask = u8{} + ((1u << BITS) - 1);
+  const uint8_t* src = packed;
+  for (int64_t e = 0; e < rows * width; e += 8, src += BITS) {
+    uint32_t word = 0;
+    std::memcpy(&word, src, BITS);  // little-endian x86
+    vec::store(out + e, __builtin_convertvector(reinterpret_cast<i8>(((u8{} + word) >> shifts) & mask), f8));
+  }
+}
+
+KVQ_INLINE void bytes_to_float(const uint8_t* src, int64_t n, float* out) {
+  for (int64_t e = 0; e < n; ++e) out[e] = static_cast<float>(src[e]);
+}
+
+}  // namespace
+
+KVQ_SIMD void unpack_rows_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits,
+                              uint8_t* tmp, float* out) {
+  switch (bits) {
+    case 1: return unpack_rows_pow2<1>(packed, rows, width, out);
+    case 2: return unpack_rows_pow2<2>(packed, rows, width, out);
+    case 4: return unpack_rows_pow2<4>(packed, rows, width, out);
+    case 8: return bytes_to_float(packed, rows * width, out);  // one byte per code, in order
+    default:
+      unpack_rows(packed, rows, width, bits, tmp);
+      bytes_to_float(tmp, rows * width, out);
+  }
+}
+
+KVQ_SIMD void unpack_runs_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits,
+                              uint8_t* tmp, float* out) {
+  switch (bits) {
+    case 1: return unpack_runs_narrow<1>(packed, rows, width, out);
+    case 2: return unpack_runs_narrow<2>(packed, rows, width, out);
+    case 3: return unpack_runs_narrow<3>(packed, rows, width, out);
+    case 4: return unpack_runs_narrow<4>(packed, rows, width, out);
+    case 8: return bytes_to_float(packed, rows * width, out);
+    default:
+      // Rows are whole bytes (width is a multiple of 8), so the tile is one run.
+      unpack_run(packed, rows * width, bits, tmp);
+      bytes_to_float(tmp, rows * width, out);
+  }
+}
+
+namespace {
+
+// The branch-free conversion of the FP16 library (Maratos Dukhan), 8 lanes at a time.
+KVQ_INLINE f8 half8_to_float(vec::h8 h) {
+  const u8 w = __builtin_convertvector(h, u8) << 16;
+  const u8 sign = w & 0x80000000u;
+  const u8 two_w = w + w;
+  const f8 normalized = reinterpret_cast<f8>((two_w >> 4) + 0x70000000u) * 0x1.0p-112f;
+  const f8 denormalized = reinterpret_cast<f8>((two_w >> 17) | 0x3F000000u) - 0.5f;
+  const u8 is_denormal = reinterpret_cast<u8>(two_w < 0x08000000u);
+  const u8 bits = (is_denormal & reinterpret_cast<u8>(denormalized)) |
+                  (~is_denormal & reinterpret_cast<u8>(normalized));
+  return reinterpret_cast<f8>(sign | bits);
+}
+
+}  // namespace
+
+KVQ_SIMD void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vec::h8 h;
+    std::memcpy(&h, src + i, sizeof h);
+    vec::store(dst + i, half8_to_float(h));
+  }
+  if (i < n) {
+    uint16_t part[8] = {};
+    float res[8];
+    std::memcpy(part, src + i, (n - i) * sizeof(uint16_t));
+    vec::h8 h;
+    std::memcpy(&h, part, sizeof h);
+    vec::store(res, half8_to_float(h));
+    std::memcpy(dst + i, res, (n - i) * sizeof(float));
+  }
+}
+
+KVQ_SIMD void mul_columns(const float* a, int64_t rows, int64_t width, const float* s,
+                          float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; c += 8)
+      vec::store(out + r * width + c, vec::load(a + r * width + c) * vec::load(s + c));
+}
+
+namespace {
+
+// R rows x J tokens of scores, the rows' vectors reused across the J tokens and vice versa.
+template <int R, int J>
+KVQ_INLINE void score_block(const float* a, const float* b, int64_t n, int64_t width,
+                            const float* bias, float* out) {
+  f8 acc[R][J] = {};
+  for (int64_t c = 0; c < width; c += 8) {
+    f8 bv[J];
+    for (int j = 0; j < J; ++j) bv[j] = vec::load(b + j * width + c);
+    for (int r = 0; r < R; ++r) {
+      const f8 av = vec::load(a + r * width + c);
+      for (int j = 0; j < J; ++j) acc[r][j] += av * bv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j)
+      out[r * n + j] = vec::hsum(acc[r][j]) + (bias != nullptr ? bias[r] : 0.f);
+}
+
+template <int R>
+KVQ_INLINE void score_rows(const float* a, const float* b, int64_t n, int64_t width,
+                           const float* bias, float* out) {
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) score_block<R, 2>(a, b + j * width, n, width, bias, out + j);
+  if (j < n) score_block<R, 1>(a, b + j * width, n, width, bias, out + j);
+}
+
+}  // namespace
+
+KVQ_SIMD void score_tile(const float* a, int64_t rows, const float* b, int64_t n, int64_t width,
+                         const float* bias, float* out) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    score_rows<4>(a + r * width, b, n, width, bias ? bias + r : nullptr, out + r * n);
+  const float* ar = a + r * width;
+  const float* br = bias ? bias + r : nullptr;
+  switch (rows - r) {
+    case 3: return score_rows<3>(ar, b, n, width, br, out + r * n);
+    case 2: return score_rows<2>(ar, b, n, width, br, out + r * n);
+    case 1: return score_rows<1>(ar, b, n, width, br, out + r * n);
+    default: return;
+  }
+}
+
+namespace {
+
+// exp(x) for x <= 0 (larger x is not needed here), relative error ~2 ulp: x = k ln2 + f with
+// |f| <= ln2/2, exp(f) by the Cephes polynomial, 2^k through the exponent bits. Inputs below
+// -87 give exp(-87) (> 0, normal) and are zeroed by the caller where they stand for -inf.
+KVQ_INLINE f8 exp_nonpositive(f8 x) {
+  x = x < -87.f ? vec::splat(-87.f) : x;
+  // Round to nearest by adding and removing 1.5 * 2^23 (no FMA contraction, no fast-math).
+  const f8 k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const f8 f = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  f8 y = vec::splat(1.9875691500e-4f);
+  y = y * f + 1.3981999507e-3f;
+  y = y * f + 8.3334519073e-3f;
+  y = y * f + 4.1665795894e-2f;
+  y = y * f + 1.6666665459e-1f;
+  y = y * f + 5.0000001201e-1f;
+  y = y * (f * f) + f + 1.f;
+  const i8 e = (__builtin_convertvector(k, i8) + 127) << 23;
+  return y * reinterpret_cast<f8>(e);
+}
+
+KVQ_INLINE f8 exp_shifted8(f8 s, float m, f8& sum) {
+  const i8 masked = s == -__builtin_inff();
+  const f8 p = reinterpret_cast<f8>(~masked & reinterpret_cast<i8>(exp_nonpositive(s - m)));
+  sum += p;
+  return p;
+}
+
+}  // namespace
+
+KVQ_SIMD float max_of(const float* s, int64_t n, float init) {
+  f8 m = f8{} + init;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const f8 v = vec::load(s + j);
+    m = v > m ? v : m;
+  }
+  float r = init;
+  for (int i = 0; i < 8; ++i) r = std::max(r, m[i]);
+  for (; j < n; ++j) r = std::max(r, s[j]);
+  return r;
+}
+
+KVQ_SIMD float exp_shifted(const float* s, int64_t n, float m, float* p) {
+  f8 sum = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) vec::store(p + j, exp_shifted8(vec::load(s + j), m, sum));
+  if (j < n) {
+    float part[8], res[8];
+    for (int i = 0; i < 8; ++i) part[i] = j + i < n ? s[j + i] : -__builtin_inff();
+    vec::store(res, exp_shifted8(vec::load(part), m, sum));
+    std::memcpy(p + j, res, (n - j) * sizeof(float));
+  }
+  return vec::hsum(sum);
+}
+
+KVQ_SIMD void value_weights(const float* p, int64_t rows, int64_t n, const float* scale,
+                            const float* zero, int64_t width, int64_t group, float* tmp, float* w,
+                            float* acc) {
+  const int64_t groups = width / group;
+  float* sg = tmp;
+  float* zg = tmp + n;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t j = 0; j < n; ++j) {
+      sg[j] = scale[j * groups + g];
+      zg[j] = zero[j * groups + g];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* pr = p + r * n;
+      float* wr = w + (r * groups + g) * n;
+      f8 z = {};
+      for (int64_t j = 0; j < n; j += 8) {
+        const f8 pj = vec::load(pr + j);
+        vec::store(wr + j, pj * vec::load(sg + j));
+        z += pj * vec::load(zg + j);
+      }
+      const f8 zs = vec::splat(vec::hsum(z));
+      float* ar = acc + r * width + g * group;
+      for (int64_t c = 0; c < group; c += 8) vec::store(ar + c, vec::load(ar + c) + zs);
+    }
+  }
+}
+
+namespace {
+
+// R rows x C*8 columns of the accumulator stay in registers over the tile's n tokens; row r's
+// weights are w[r * stride_r + j].
+template <int R, int C>
+KVQ_INLINE void accumulate_block(const float* w, int64_t stride_r, const float* x, int64_t n,
+                                 int64_t width, float* acc) {
+  f8 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < C; ++k) a[r][k] = vec::load(acc + r * width + 8 * k);
+  for (int64_t j = 0; j < n; ++j) {
+    f8 xv[C];
+    for (int k = 0; k < C; ++k) xv[k] = vec::load(x + j * width + 8 * k);
+    for (int r = 0; r < R; ++r) {
+      const f8 wr = vec::splat(w[r * stride_r + j]);
+      for (int k = 0; k < C; ++k) a[r][k] += wr * xv[k];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < C; ++k) vec::store(acc + r * width + 8 * k, a[r][k]);
+}
+
+template <int R>
+KVQ_INLINE void accumulate_rows(const float* w, const float* x, int64_t n, int64_t width,
+                                int64_t group, float* acc) {
+  const int64_t groups = width / group, stride_r = groups * n;
+  if (group % 16 == 0) {
+    for (int64_t c = 0; c < width; c += 16)
+      accumulate_block<R, 2>(w + (c / group) * n, stride_r, x + c, n, width, acc + c);
+  } else {
+    for (int64_t c = 0; c < width; c += 8)
+      accumulate_block<R, 1>(w + (c / group) * n, stride_r, x + c, n, width, acc + c);
+  }
+}
+
+}  // namespace
+
+KVQ_SIMD void accumulate_tile(const float* w, const float* x, int64_t rows, int64_t n,
+                              int64_t width, int64_t group, float* acc) {
+  const int64_t stride = (width / group) * n;  // between two rows' weights
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    accumulate_rows<4>(w + r * stride, x, n, width, group, acc + r * width);
+  const float* wr = w + r * stride;
+  switch (rows - r) {
+    case 3: return accumulate_rows<3>(wr, x, n, width, group, acc + r * width);
+    case 2: return accumulate_rows<2>(wr, x, n, width, group, acc + r * width);
+    case 1: return accumulate_rows<1>(wr, x, n, width, group, acc + r * width);
+    default: return;
   }
 }
 

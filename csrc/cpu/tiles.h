@@ -21,4 +21,43 @@ void dequant_row_groups(const uint8_t* packed, int64_t rows, int64_t width, int 
 void dequant_col_groups(const uint8_t* packed, int64_t rows, int64_t width, int64_t group,
                         int bits, const float* scale, const float* zero, uint8_t* tmp, float* out);
 
+// ---- attention over codes (csrc/cpu/attention.cpp); `width` is a multiple of 8 throughout.
+
+// The codes themselves as floats, without scale or zero: the layouts of dequant_row_groups
+// (`rows` a multiple of 8) and dequant_col_groups. `tmp` holds rows*width bytes.
+void unpack_rows_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits, uint8_t* tmp,
+                     float* out);
+void unpack_runs_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits, uint8_t* tmp,
+                     float* out);
+
+// IEEE half (raw bits) to float, exactly.
+void half_to_float(const uint16_t* src, float* dst, int64_t n);
+
+// out[r, c] = a[r, c] * s[c] for r < rows, c < width.
+void mul_columns(const float* a, int64_t rows, int64_t width, const float* s, float* out);
+
+// The scores of one tile: out[r * n + j] = a[r, :] . b[j, :] (+ bias[r] if bias), a [rows,
+// width], b [n, width], for every query row against every token.
+void score_tile(const float* a, int64_t rows, const float* b, int64_t n, int64_t width,
+                const float* bias, float* out);
+
+// max(init, s[0], ..., s[n-1]).
+float max_of(const float* s, int64_t n, float init);
+
+// p[j] = exp(s[j] - m), 0 where s[j] = -inf; returns the sum of p. Needs m >= max(s), finite.
+float exp_shifted(const float* s, int64_t n, float m, float* p);
+
+// Value weights of a quantized tile with one (scale, zero) per token and group of `group`
+// columns (scale[j * groups + g], groups = width / group), from probabilities p [rows, n]:
+// w[(r * groups + g) * n + j] = p[r, j] * scale[j, g], and acc[r, c] += sum_j p[r, j] *
+// zero[j, c / group]. `n` is a multiple of 8; `tmp` holds 2 n floats.
+void value_weights(const float* p, int64_t rows, int64_t n, const float* scale, const float* zero,
+                   int64_t width, int64_t group, float* tmp, float* w, float* acc);
+
+// acc[r, c] += sum_j w[(r * groups + c / group) * n + j] * x[j, c] (groups = width / group):
+// token j's weight for row r and the column group of c (value_weights), against codes (or
+// values) x [n, width]; acc [rows, width]. `group` divides width and is a multiple of 8.
+void accumulate_tile(const float* w, const float* x, int64_t rows, int64_t n, int64_t width,
+                     int64_t group, float* acc);
+
 }  // namespace kvq::cpu

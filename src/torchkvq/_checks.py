@@ -156,7 +156,9 @@ def _check_outliers(
     rows: list[int],
     value_dtype: torch.dtype,
     dtype_of: str,
+    head_dim: int | None = None,
 ) -> None:
+    """Outlier index/value pair of shape rows + [n] (n <= head_dim when given), in the kernels' order."""
     torch._check(
         (index is None) == (value is None),
         lambda: f"{op}: {prefix}index and {prefix}value must be given together",
@@ -171,9 +173,13 @@ def _check_outliers(
         value.dtype == value_dtype,
         lambda: f"{op}: {prefix}value must have {dtype_of}'s dtype {_dt(value_dtype)}, got {_dt(value.dtype)}",
     )
+    # Worded like the C++ checks: "[rows] + [n]", or "[rows..., n] with n <= head_dim".
+    expected = (f"{list(rows)} + [n]" if head_dim is None
+                else "[" + ", ".join(map(str, rows)) + ", n] with n <= head_dim")
     torch._check(
-        index.dim() == len(rows) + 1 and list(index.shape[:-1]) == list(rows),
-        lambda: f"{op}: {prefix}index must have shape {list(rows) + ['n']}, got {list(index.shape)}",
+        index.dim() == len(rows) + 1 and list(index.shape[:-1]) == list(rows)
+        and (head_dim is None or index.shape[-1] <= head_dim),
+        lambda: f"{op}: {prefix}index must have shape {expected}, got {list(index.shape)}",
     )
     torch._check(
         value.shape == index.shape,
@@ -231,7 +237,7 @@ def check_dequant_matmul(
     rows, cols = b_shape[-2], b_shape[-1]
     torch._check(
         a.dim() == rank and list(a.shape[:-2]) == b_shape[:-2],
-        lambda: f"{op}: a must have the leading dimensions {b_shape[:-2]} of the packed operand, "
+        lambda: f"{op}: a must have the leading dimensions of the packed operand {b_shape[:-2]}, "
         f"got shape {list(a.shape)}",
     )
     inner = cols if transpose_b else rows
@@ -270,8 +276,8 @@ def check_quant_attention(
     _check_float(op, "query", query)
     torch._check(query.dim() == 4, lambda: f"{op}: query must be [batch, q_heads, q_len, head_dim], got rank {query.dim()}")
     B, Hq, L, D = query.shape
-    torch._check(L >= 1 and D >= 1, lambda: f"{op}: query must not be empty, got shape {list(query.shape)}")
     torch._check(k_fp.dim() == 4, lambda: f"{op}: k_fp must be [batch, kv_heads, fp_tokens, head_dim], got rank {k_fp.dim()}")
+    torch._check(L >= 1 and D >= 1 and B >= 1, lambda: f"{op}: query must not be empty, got shape {list(query.shape)}")
     Hkv = k_fp.shape[1]
     torch._check(
         Hkv >= 1 and Hq % Hkv == 0,
@@ -295,22 +301,26 @@ def check_quant_attention(
     _check_shape(op, "v_fp", v_fp, [B, Hkv, F, D], "the shape of k_fp")
     torch._check(fp_pos.dtype == torch.int64, lambda: f"{op}: fp_pos must be int64, got {_dt(fp_pos.dtype)}")
     _check_shape(op, "fp_pos", fp_pos, [B, F], "one position per batch row and fp token, -1 for an empty slot")
-    for name, t in (("k_bits", k_bits), ("v_bits", v_bits)):
-        torch._check(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {_dt(t.dtype)}")
-        torch._check(t.dim() == 1, lambda: f"{op}: {name} must be 1-D (one width per block), got rank {t.dim()}")
+    # Worded and ordered like csrc/attention_args.h: one message per pair of pools.
+    for t in (k_bits, v_bits):
+        torch._check(
+            t.dtype == torch.int32 and t.dim() == 1,
+            lambda: f"{op}: k_bits and v_bits must be 1-D int32 (one width per block), got "
+            f"{_dt(t.dtype)} of rank {t.dim()}",
+        )
     NB = k_bits.shape[0]
     _check_shape(op, "v_bits", v_bits, [NB], "one width per block, like k_bits")
-    for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
-        torch._check(t.dtype == torch.uint8, lambda: f"{op}: {name} must be uint8, got {_dt(t.dtype)}")
+    for t in (k_codes, v_codes):
         torch._check(
-            t.dim() == 3 and list(t.shape[:2]) == [B, Hkv],
-            lambda: f"{op}: {name} must be [batch, kv_heads, bytes] = [{B}, {Hkv}, n], got {list(t.shape)}",
+            t.dtype == torch.uint8 and t.dim() == 3 and list(t.shape[:2]) == [B, Hkv],
+            lambda: f"{op}: k_codes and v_codes must be uint8 [batch, kv_heads, bytes] = [{B}, {Hkv}, n], "
+            f"got {_dt(t.dtype)} {list(t.shape)}",
         )
-    for name, t in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
-        torch._check(
-            t.dtype in SCALE_DTYPES, lambda: f"{op}: {name} must be float16 or float32, got {_dt(t.dtype)}"
-        )
-    for name, t in (("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
+    torch._check(
+        k_scale.dtype in SCALE_DTYPES,
+        lambda: f"{op}: k_scale must be float16 or float32, got {_dt(k_scale.dtype)}",
+    )
+    for t in (k_zero, v_scale, v_zero):
         torch._check(
             t.dtype == k_scale.dtype,
             lambda: f"{op}: scales and zeros must all have k_scale's dtype {_dt(k_scale.dtype)}, got {_dt(t.dtype)}",
@@ -323,11 +333,8 @@ def check_quant_attention(
     if q_exclude is not None:
         torch._check(q_exclude.dtype == torch.bool, lambda: f"{op}: q_exclude must be bool, got {_dt(q_exclude.dtype)}")
         _check_shape(op, "q_exclude", q_exclude, [B, Q], "one flag per batch row and quantized token")
-    _check_outliers(op, "k_outlier_", k_outlier_index, k_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp")
-    _check_outliers(op, "v_outlier_", v_outlier_index, v_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp")
-    for name, t in (("k_outlier_index", k_outlier_index), ("v_outlier_index", v_outlier_index)):
-        if t is not None:
-            torch._check(t.shape[-1] <= D, lambda: f"{op}: {name} holds more outliers than head_dim")
+    _check_outliers(op, "k_outlier_", k_outlier_index, k_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp", D)
+    _check_outliers(op, "v_outlier_", v_outlier_index, v_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp", D)
     return B, Hq, L, D, Hkv, Q + F
 
 
