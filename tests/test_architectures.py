@@ -132,6 +132,10 @@ FAMILIES = [
     # layer 0 full, layer 1 sliding (use_sliding_window above max_window_layers), q/k/v bias
     Family("qwen2-sliding", "qwen2", dict(_QWEN2, use_sliding_window=True, sliding_window=WINDOW,
                                           max_window_layers=1)),
+    # sliding + full layers (Ministral's alternation)
+    Family("ministral", "ministral", dict(_SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          sliding_window=WINDOW,
+                                          layer_types=["sliding_attention", "full_attention"])),
     # sliding + full layers, head_dim 256, MQA, logit soft-capping (a cap of 1 that bites on
     # these scores; Gemma 2 ships 50)
     Family("gemma2", "gemma2", dict(_GEMMA, attn_logit_softcapping=1.0), attn="eager"),
