@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -121,6 +122,24 @@ inline AttentionShape check_quant_attention_args(
   return s;
 }
 
+// The positions and score options: q_offset, window, softcap (same messages as _checks.py).
+inline void check_attention_frame(int64_t q_offset, std::optional<int64_t> window,
+                                  std::optional<double> softcap, bool causal) {
+  constexpr const char* op = "kvq::quant_attention";
+  TORCH_CHECK(q_offset >= 0, op, ": q_offset (the position of quantized token 0) must be >= 0, got ",
+              q_offset);
+  if (window.has_value()) {
+    TORCH_CHECK(*window >= 1, op,
+                ": window must be >= 1 (the positions a query sees, its own included), got ", *window);
+    TORCH_CHECK(causal, op,
+                ": window needs causal=True (it is measured back from each query's position)");
+  }
+  if (softcap.has_value()) {
+    TORCH_CHECK(*softcap > 0 && std::isfinite(*softcap), op,
+                ": softcap must be a positive finite number (or None for no capping)");
+  }
+}
+
 // Byte offset of every block in a pool from the per-block widths (a CPU tensor), checking the
 // widths and that the pool holds them all.
 inline std::vector<int64_t> block_offsets(const char* which, const at::Tensor& bits,
@@ -139,10 +158,12 @@ inline std::vector<int64_t> block_offsets(const char* which, const at::Tensor& b
   return off;
 }
 
-// One past the newest position held per batch row: the causal frame of the queries.
+// One past the newest position held per batch row: the causal frame of the queries. Quantized
+// token i sits at position q_offset + i.
 inline std::vector<int64_t> held_end_positions(const at::Tensor& k_bits,
                                                const at::Tensor& q_exclude,
-                                               const at::Tensor& fp_pos, int64_t group_size) {
+                                               const at::Tensor& fp_pos, int64_t group_size,
+                                               int64_t q_offset) {
   const int64_t B = fp_pos.size(0), F = fp_pos.size(1), NB = k_bits.numel(), Q = NB * group_size;
   const int32_t* w = k_bits.const_data_ptr<int32_t>();
   const int64_t* p = fp_pos.const_data_ptr<int64_t>();
@@ -151,7 +172,7 @@ inline std::vector<int64_t> held_end_positions(const at::Tensor& k_bits,
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t i = Q - 1; i >= 0; --i) {
       if (w[i / group_size] > 0 && (ex == nullptr || !ex[b * Q + i])) {
-        end[b] = i + 1;
+        end[b] = q_offset + i + 1;
         break;
       }
     }

@@ -29,7 +29,8 @@ TORCH_LIBRARY(kvq, m) {
       " Tensor v_codes, Tensor v_scale, Tensor v_zero, Tensor v_bits, Tensor k_fp, Tensor v_fp,"
       " Tensor fp_pos, Tensor? q_exclude, Tensor? k_outlier_index, Tensor? k_outlier_value,"
       " Tensor? v_outlier_index, Tensor? v_outlier_value, int group_size, int v_group_size,"
-      " float scale, bool causal, bool return_stats) -> (Tensor out, Tensor lse, Tensor stats)");
+      " float scale, bool causal, bool return_stats, int q_offset=0, int? window=None,"
+      " float? softcap=None) -> (Tensor out, Tensor lse, Tensor stats)");
   m.def(
       "write_tokens(Tensor(a!) k_fp, Tensor(b!) v_fp, Tensor(c!) fp_pos, Tensor key, Tensor value,"
       " Tensor slots, Tensor positions) -> ()");

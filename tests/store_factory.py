@@ -29,7 +29,7 @@ ARG_NAMES = (
     "query", "k_codes", "k_scale", "k_zero", "k_bits", "v_codes", "v_scale", "v_zero", "v_bits",
     "k_fp", "v_fp", "fp_pos", "q_exclude", "k_outlier_index", "k_outlier_value",
     "v_outlier_index", "v_outlier_value", "group_size", "v_group_size", "scale", "causal",
-    "return_stats",
+    "return_stats", "q_offset", "window", "softcap",
 )
 
 
@@ -93,11 +93,15 @@ def make_attention_args(
     pool_slack: int = 0,
     seed: int = 0,
     key_offset: float = 0.5,
+    q_offset: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> AttentionArgs:
     """A random valid argument set. `k_widths` lists each block's key width (0 = unused);
     `v_widths` the value widths (default: the key widths; zeros must coincide). `n_empty` of
     the `F` fp slots per batch row are empty (-1) when F allows; with `q_exclude`, about a
-    quarter of the quantized tokens are excluded and some of them pinned in the fp slots."""
+    quarter of the quantized tokens are excluded and some of them pinned in the fp slots.
+    Quantized token i sits at position ``q_offset + i`` (the fp window follows them)."""
     gen = _gen(seed)
     G = group_size
     k_widths = [int(w) for w in k_widths]
@@ -140,8 +144,8 @@ def make_attention_args(
     fp_pos = torch.full((B, F), -1, dtype=torch.int64)
     for bi in range(B):
         n_full = max(0, F - min(n_empty, F) - (bi % 2))  # rows hold different counts
-        pos = pinned[bi][:n_full]
-        pos = pos + list(range(Q, Q + n_full - len(pos)))  # the window after the quantized part
+        pos = [q_offset + i for i in pinned[bi][:n_full]]
+        pos = pos + list(range(q_offset + Q, q_offset + Q + n_full - len(pos)))  # the window after the quantized part
         slots = torch.randperm(F, generator=gen)[: len(pos)]
         fp_pos[bi, slots] = torch.tensor(pos, dtype=torch.int64)
     k_fp = (torch.randn(B, Hkv, F, D, generator=gen) + key_offset * torch.randn(
@@ -158,6 +162,7 @@ def make_attention_args(
         k_outlier_index=None, k_outlier_value=None, v_outlier_index=None, v_outlier_value=None,
         group_size=G, v_group_size=v_group_size,
         scale=D ** -0.5 if scale is None else scale, causal=causal, return_stats=return_stats,
+        q_offset=q_offset, window=window, softcap=softcap,
     )
     if n_k_outliers:
         kw["k_outlier_index"] = _distinct_channels((B, Hkv, Q), n_k_outliers, D, gen)
@@ -216,7 +221,7 @@ def held_tokens_f64(a: AttentionArgs):
     keys = torch.cat([kq, a["k_fp"].double()], 2)
     values = torch.cat([vq, a["v_fp"].double()], 2)
     valid = torch.cat([q_valid, a["fp_pos"] >= 0], 1)
-    pos = torch.cat([torch.arange(Q)[None].expand(B, Q), a["fp_pos"]], 1)
+    pos = torch.cat([a["q_offset"] + torch.arange(Q)[None].expand(B, Q), a["fp_pos"]], 1)
     return keys, values, valid, pos
 
 
@@ -241,10 +246,15 @@ def attention_f64(a: AttentionArgs):
         end = int(pos[b, idx].max()) + 1
         seen = torch.ones(L, idx.numel(), dtype=torch.bool)
         if a["causal"]:  # query l sits at position end - L + l
-            seen = pos[b, idx][None, :] <= (end - L + torch.arange(L))[:, None]
+            qpos = (end - L + torch.arange(L))[:, None]
+            seen = pos[b, idx][None, :] <= qpos
+            if a["window"] is not None:  # and sees the window positions up to its own
+                seen = seen & (pos[b, idx][None, :] > qpos - a["window"])
         k = keys[b][kv_head][:, idx]  # [Hq, n, D]
         v = values[b][kv_head][:, idx]
         s = torch.einsum("hnd,hld->hln", k, query[b]) * a["scale"]
+        if a["softcap"] is not None:
+            s = a["softcap"] * torch.tanh(s / a["softcap"])
         s = s.masked_fill(~seen, float("-inf"))
         m = s.amax(-1, keepdim=True)
         rows = torch.isfinite(m[..., 0])  # [Hq, L]: queries that see something

@@ -15,8 +15,11 @@ error stays far below the model's logit margins):
 * KIVI-4 gives the fp cache's greedy tokens on a short horizon;
 * a large k_proj bias (Qwen2) does not collapse KIVI-4's quality.
 
-Families torchkvq does not support yet (sliding-window layers; models whose attention does not
-go through ``Cache.update`` and transformers' attention interface) must fail with a clear error,
+Sliding-window families (Mistral with a window, Qwen2 with ``use_sliding_window``, Gemma 2 and
+Gemma 3 mixing sliding and full layers) use a window of 80 tokens, shorter than the prompt, so
+their sliding layers really drop tokens and free blocks; Gemma 2 also soft-caps its scores.
+Families torchkvq does not support (models whose attention does not go through ``Cache.update``
+and transformers' attention interface, learned attention sinks) must fail with a clear error,
 never with silent garbage. ``docs/models.md`` lists what is covered.
 
 To add a policy: one line in :data:`POLICIES`. To add a family: one entry in :data:`FAMILIES`.
@@ -24,6 +27,7 @@ To add a policy: one line in :data:`POLICIES`. To add a family: one entry in :da
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -90,6 +94,8 @@ class Family:
     setup: Callable | None = None
     #: Relative logit tolerance of the KIVI-4 check.
     tol_4bit: float = TOL_4BIT
+    #: attn_implementation of the fp reference (Gemma 2 has no SDPA path: soft-capping).
+    attn: str = "sdpa"
 
 
 def _llama(id: str, head_dim: int, heads: int, kv_heads: int, **family_kw) -> Family:
@@ -100,6 +106,10 @@ def _llama(id: str, head_dim: int, heads: int, kv_heads: int, **family_kw) -> Fa
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
 _QWEN2 = dict(_SMALL, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16
+# Sliding window of the sliding families: shorter than the prompt, and wider than residual +
+# group_size (32 + 32) so that blocks get quantized before they leave the window.
+WINDOW = 80
+_GEMMA = dict(_SMALL, num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=WINDOW)
 
 FAMILIES = [
     # GQA 2:1, head_dim 32
@@ -113,10 +123,24 @@ FAMILIES = [
     _llama("llama-hd96", 96, 2, 2),  # MHA
     _llama("llama-hd128", 128, 4, 1),  # MQA
     _llama("llama-hd256", 256, 2, 1),
-    # sliding_window=None: full attention. Mistral's default (4096, as Mistral-7B-v0.1) is a
-    # sliding-window model and is rejected (see UNSUPPORTED).
+    # sliding_window=None: full attention (Mistral-7B v0.2+)
     Family("mistral", "mistral", dict(_SMALL, num_attention_heads=4, num_key_value_heads=2,
                                       head_dim=16, sliding_window=None)),
+    # a sliding window on every layer (Mistral-7B v0.1), shorter than the prompt
+    Family("mistral-sliding", "mistral", dict(_SMALL, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=16, sliding_window=WINDOW)),
+    # layer 0 full, layer 1 sliding (use_sliding_window above max_window_layers), q/k/v bias
+    Family("qwen2-sliding", "qwen2", dict(_QWEN2, use_sliding_window=True, sliding_window=WINDOW,
+                                          max_window_layers=1)),
+    # sliding + full layers (Ministral's alternation)
+    Family("ministral", "ministral", dict(_SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          sliding_window=WINDOW,
+                                          layer_types=["sliding_attention", "full_attention"])),
+    # sliding + full layers, head_dim 256, MQA, logit soft-capping (a cap of 1 that bites on
+    # these scores; Gemma 2 ships 50)
+    Family("gemma2", "gemma2", dict(_GEMMA, attn_logit_softcapping=1.0), attn="eager"),
+    # sliding + full layers, QK-norm, head_dim 256, MQA
+    Family("gemma3", "gemma3_text", dict(_GEMMA, layer_types=["sliding_attention", "full_attention"])),
     # q/k/v biases (Qwen2 always has them)
     Family("qwen2", "qwen2", _QWEN2),
     # + a large key bias on every 4th channel (head_dim 16: RoPE pairs of high and low frequency).
@@ -171,14 +195,15 @@ def make_policy(factory: Callable[[], Policy], family: Family) -> Policy:
 def build(family_id: str):
     """(model, prompt, fp reference) for a family; the model is switched to torchkvq's attention.
 
-    The reference is computed with SDPA before ``enable``; test_fp_cache_after_enable checks that
-    the enabled model still gives it with a plain DynamicCache.
+    The reference is computed with SDPA (Gemma 2: eager) before ``enable``;
+    test_fp_cache_after_enable checks that the enabled model still gives it with a plain
+    DynamicCache.
     """
     fam = FAMILY_BY_ID[family_id]
     cfg = AutoConfig.for_model(fam.model_type, **{**COMMON, **fam.config})
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=fam.attn)
     model = model.float().eval()
     if fam.setup is not None:
         fam.setup(model)
@@ -244,19 +269,30 @@ def assert_greedy_matches_fp(model, got, ref, rel_tol: float, n: int | None = No
 def assert_quantized(cache) -> None:
     stores = cache.stores
     assert len(stores) == len(cache.layers) == 2
-    for s in stores:
-        assert s.n_quantized > 0, "nothing was quantized: the test would not test the store"
+    for s, layer in zip(stores, cache.layers):
+        assert s.block_bits, "no quantized block held: the test would not test the store"
+        assert s.window == layer.window
+        if s.window is not None:  # the window really dropped tokens and freed blocks
+            assert s.q_offset > 0 and s.window_start > 0
+            assert min(s.fp_positions) >= s.window_start
 
 
-def sdpa_over_store(store, q: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference attention of the last L positions' queries over ``store.dequantized()``."""
-    keys, values, _ = store.dequantized()
+def sdpa_over_store(store, q: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Reference attention of the last L positions' queries over ``store.dequantized()``, with
+    the store's sliding window and the soft-cap, if any."""
+    keys, values, pos = store.dequantized()
     rep = q.shape[1] // store.kv_heads
     keys = keys.repeat_interleave(rep, dim=1)
     values = values.repeat_interleave(rep, dim=1)
-    T, L = keys.shape[2], q.shape[2]
-    mask = torch.arange(T)[None, :] <= torch.arange(T - L, T)[:, None]
-    return F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, scale=scale)
+    L = q.shape[2]
+    qpos = torch.arange(store.n_tokens - L, store.n_tokens)[:, None]
+    mask = pos[None, :] <= qpos
+    if store.window is not None:
+        mask &= pos[None, :] > qpos - store.window
+    s = q.float() @ keys.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,23 +338,32 @@ def test_kivi4_short_horizon(family):
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_fused_attention_matches_sdpa(family, policy):
-    """store.attend (the kernel reading packed codes) == SDPA over the dequantized store, on the
-    stores the model itself filled during generate (this family's head_dim and GQA ratio, this
-    policy's layout: pinned tokens, excluded quantized copies, outliers), causal, for a decode
-    step (L = 1) and a chunk (L = 5)."""
+    """store.attend (the kernel reading packed codes) == attention over the dequantized store,
+    on the stores the model itself filled during generate (this family's head_dim and GQA ratio,
+    sliding window and soft-cap, this policy's layout: pinned tokens, excluded quantized copies,
+    outliers, freed blocks), causal, for a decode step (L = 1) and a chunk (L = 5) appended to a
+    copy of each store."""
     model, _, _ = build(family.id)
     _, cache = run_policy(family.id, policy)
     assert_quantized(cache)
-    hq = model.config.get_text_config(decoder=True).num_attention_heads
+    text = model.config.get_text_config(decoder=True)
+    hq, softcap = text.num_attention_heads, getattr(text, "attn_logit_softcapping", None)
     gen = torch.Generator().manual_seed(2)
-    for store in cache.stores:
-        assert hq % store.kv_heads == 0
-        D = store.head_dim
+    for original in cache.stores:
+        assert hq % original.kv_heads == 0
+        D = original.head_dim
         for L in (1, 5):
+            store = copy.deepcopy(original)
+            k, v = (torch.randn(1, store.kv_heads, L, D, generator=gen) for _ in range(2))
+            store.append(k, v)
             q = torch.randn(1, hq, L, D, generator=gen)
-            out, lse, _ = store.attend(q, scale=D**-0.5, causal=True)
+            out, lse, _ = store.attend(q, scale=D**-0.5, causal=True, softcap=softcap)
             assert out.shape == (1, hq, L, D)
-            torch.testing.assert_close(out.float(), sdpa_over_store(store, q, D**-0.5), rtol=1e-4, atol=1e-5)
+            want = sdpa_over_store(store, q, D**-0.5, softcap)
+            torch.testing.assert_close(out.float(), want, rtol=1e-4, atol=1e-5)
+            if softcap is not None:  # the cap really changes these scores
+                uncapped = sdpa_over_store(store, q, D**-0.5)
+                assert (want - uncapped).abs().max() > 1e-2
 
 
 def test_large_key_bias_does_not_collapse_quality():
@@ -346,6 +391,35 @@ def test_large_key_bias_does_not_collapse_quality():
     assert errs["qwen2-kbias-highfreq"] <= 0.3, errs
 
 
+@pytest.mark.parametrize("family_id", ["mistral-sliding", "gemma2"])
+def test_left_padded_batch_with_sinks(family_id):
+    """A left-padded batch (padding 37 in row 0) on a sliding-window family, KIVI-8 with 4
+    sinks: each row's sinks are its own first real tokens (positions 37-40 and 0-3 pinned in
+    the full layers; gone with the window in the sliding ones), and each row generates what a
+    DynamicCache generates for the same batch."""
+    model, ids, _ = build(family_id)
+    npad = 37
+    batch = torch.cat([torch.cat([torch.full((1, npad), PAD), ids[:, npad:]], 1), ids], 0)
+    mask = torch.ones_like(batch)
+    mask[0, :npad] = 0
+    policy = KIVI(key_bits=8, value_bits=8, group_size=32, residual=32, sinks=4)
+    cache = kvq_hf.KVQCache(model.config, policy)
+    with torch.inference_mode():
+        kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                  pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+        got = model.generate(batch, past_key_values=cache, **kw)
+        ref = model.generate(batch, past_key_values=DynamicCache(config=model.config), **kw)
+    assert_quantized(cache)
+    for store, layer in zip(cache.stores, cache.layers):
+        if layer.window is None:
+            assert store.pinned == {0, 1, 2, 3, npad, npad + 1, npad + 2, npad + 3}
+        else:
+            assert not store.pinned
+    assert torch.equal(got.sequences, ref.sequences)
+    err = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(got.logits, ref.logits))
+    assert err <= TOL_8BIT, err
+
+
 def test_head_dim_80_defaults():
     model, ids, ref = build("llama-hd80")
     cache = kvq_hf.KVQCache(model.config, KIVI(key_bits=8, value_bits=8, group_size=32, residual=32))
@@ -360,16 +434,12 @@ _TINY = dict(COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_key_value_heads=2, head_dim=16)
 
 UNSUPPORTED = [
-    # sliding-window layers (KVQCache refuses them until sliding-window stores exist)
-    pytest.param("gemma2", dict(_TINY, sliding_window=16), NotImplementedError, "sliding_attention", id="gemma2"),
-    pytest.param("gemma3_text", dict(_TINY, sliding_window=16), NotImplementedError, "sliding_attention",
-                 id="gemma3"),
-    pytest.param("mistral", _TINY, NotImplementedError, "sliding_attention", id="mistral-sliding-4096"),
-    pytest.param("qwen2", dict(_TINY, use_sliding_window=True, sliding_window=16, max_window_layers=1),
-                 NotImplementedError, "sliding_attention", id="qwen2-sliding"),
-    pytest.param("ministral", _TINY, NotImplementedError, "sliding_attention", id="ministral"),
+    # learned attention sinks (s_aux): a per-head extra softmax term torchkvq's attention lacks
     pytest.param("gpt_oss", dict(_TINY, intermediate_size=64, num_local_experts=2, num_experts_per_tok=1),
-                 NotImplementedError, "sliding_attention", id="gpt_oss"),
+                 NotImplementedError, "learned attention sinks", id="gpt_oss"),
+    # bidirectional attention: not a causal decoder
+    pytest.param("gemma3_text", dict(_TINY, sliding_window=16, use_bidirectional_attention=True),
+                 NotImplementedError, "bidirectional attention", id="gemma3-bidirectional"),
     # attention computed inside the model, not through transformers' attention interface:
     # set_attn_implementation("kvq") is skipped (with a warning) and KVQCache refuses the model
     pytest.param("falcon", dict(COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -118,6 +118,23 @@ def test_outliers_match(n_k, n_v, D):
     _check(A, f"outliers {n_k},{n_v} prefill")
 
 
+# (q_offset, window, softcap): freed blocks, sliding windows from 1 to wider than the store,
+# Gemma 2's soft-capping
+FRAMES = [(37, 7, None), (1000, 33, 20.0), (0, 1, 1.0), (5, 100, None), (64, None, 2.0)]
+
+
+@pytest.mark.parametrize("L", [1, 5])
+@pytest.mark.parametrize("frame", FRAMES, ids=[f"off{o}-W{w}-cap{c}" for o, w, c in FRAMES])
+def test_window_offset_softcap_match(frame, L):
+    q_offset, window, softcap = frame
+    A = make_attention_args(B=2, Hq=8, Hkv=2, L=L, D=128, k_widths=(2, 4, 0, 3, 8), group_size=16,
+                            v_group_size=32, F=L + 6, n_empty=1, q_exclude=True, n_k_outliers=1,
+                            causal=True, return_stats=True, fp_dtype=torch.float16,
+                            q_dtype=torch.float16, seed=700 + L, q_offset=q_offset,
+                            window=window, softcap=softcap)
+    _check(A, f"frame {frame} L{L}")
+
+
 @pytest.mark.parametrize("D,vg", [(8, 8), (32, 8), (96, 32), (512, 64), (1024, 128)])
 def test_other_head_dims(D, vg):
     A = make_attention_args(B=1, Hq=4, Hkv=2, L=1, D=D, k_widths=(3, 8, 1), group_size=8,

@@ -150,11 +150,17 @@ def test_kvqcache_without_enable_raises():
         KVQCache(m.config, KIVI(key_bits=9))
 
 
-def test_sliding_window_models_are_rejected():
+def test_sliding_window_config_gives_sliding_layers():
+    """A config's sliding window reaches every sliding layer's store (tests/test_architectures.py
+    runs such models); layer types other than full and sliding attention are refused."""
     cfg = tiny_config(sliding_window=16)
     cfg._attn_implementation = kvq_hf.ATTN_IMPLEMENTATION
-    cfg.use_sliding_window = True
-    with pytest.raises(NotImplementedError, match="sliding_attention"):
+    cache = KVQCache(cfg, KIVI())
+    assert [layer.window for layer in cache.layers] == [16] * cfg.num_hidden_layers
+    assert cache.is_sliding == [True] * cfg.num_hidden_layers
+    cfg.layer_types = ["chunked_attention"] + ["full_attention"] * (cfg.num_hidden_layers - 1)
+    cfg.attention_chunk_size = 16
+    with pytest.raises(NotImplementedError, match=r"layer types \['chunked_attention'\] are not supported"):
         KVQCache(cfg, KIVI())
 
 

@@ -44,6 +44,9 @@ struct Attention {
   int64_t B, Hq, L, D, Hkv, g, NB, G, VG, F, Q, rows, n_k_out, n_v_out;
   float scale;
   bool causal, stats_wanted;
+  int64_t q_offset;  // position of quantized token 0
+  int64_t window;    // keys a query sees back from its own position (itself included); 0: all
+  float softcap;     // scores become softcap * tanh(score / softcap); 0: no capping
   // inputs
   const TQ* query;
   const uint8_t *k_codes, *v_codes;
@@ -87,8 +90,8 @@ struct Attention {
     }
   }
 
-  // Scores x.s [rows, n] of every query row against tile `t` of (b, h), masked (invalid / in
-  // the future) to -inf; returns the tile's token count n, 0 when it holds nothing to attend to.
+  // Scores x.s [rows, n] of every query row against tile `t` of (b, h), soft-capped if asked,
+  // masked (invalid, in the future, or out of the query's window) to -inf; returns the tile's token count n, 0 when it holds nothing to attend to.
   // Quantized keys are never dequantized: with one (scale s, zero z) per channel for the whole
   // block, q . (s * code + z) = (q * s) . code + q . z, so the query takes the scale.
   int64_t tile_scores(int64_t b, int64_t h, int64_t t, Scratch& x) const {
@@ -101,7 +104,7 @@ struct Attention {
       for (int64_t j = 0; j < G; ++j) {
         const int64_t i = t * G + j;
         const bool skip = q_exclude != nullptr && q_exclude[b * Q + i];
-        x.pos[j] = skip ? -1 : i;
+        x.pos[j] = skip ? -1 : q_offset + i;
         any |= !skip;
       }
       if (!any) return 0;
@@ -133,18 +136,25 @@ struct Attention {
       for (int64_t e = 0; e < n * D; ++e) x.kt[e] = static_cast<float>(ksrc[e]);
       score_tile(x.q.data(), rows, x.kt.data(), n, D, nullptr, x.s.data());
     }
-    // Most tiles are seen whole by every row: valid tokens, none after the earliest query.
-    int64_t newest = -1;
+    if (softcap > 0.f)
+      for (int64_t e = 0; e < rows * n; ++e) x.s[e] = softcap * std::tanh(x.s[e] / softcap);
+    // Most tiles are seen whole by every row: valid tokens, none after the earliest query and,
+    // with a window, none before the newest query's window.
+    int64_t newest = -1, oldest = std::numeric_limits<int64_t>::max();
     bool all_valid = true;
     for (int64_t j = 0; j < n; ++j) {
       newest = std::max(newest, x.pos[j]);
+      oldest = std::min(oldest, x.pos[j]);
       all_valid &= x.pos[j] >= 0;
     }
-    if (all_valid && (!causal || newest <= end_pos[b] - L)) return n;
+    if (all_valid && (!causal || newest <= end_pos[b] - L) &&
+        (window == 0 || oldest > end_pos[b] - 1 - window))
+      return n;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t qpos = end_pos[b] - L + r % L;
       for (int64_t j = 0; j < n; ++j) {
-        const bool visible = x.pos[j] >= 0 && (!causal || x.pos[j] <= qpos);
+        const bool visible = x.pos[j] >= 0 && (!causal || x.pos[j] <= qpos) &&
+                             (window == 0 || x.pos[j] > qpos - window);
         if (!visible) x.s[r * n + j] = kNegInf;
       }
     }
@@ -306,11 +316,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_attention(
     const std::optional<at::Tensor>& q_exclude_in, const std::optional<at::Tensor>& k_oi_in,
     const std::optional<at::Tensor>& k_ov_in, const std::optional<at::Tensor>& v_oi_in,
     const std::optional<at::Tensor>& v_ov_in, int64_t group_size, int64_t v_group_size,
-    double scale, bool causal, bool return_stats) {
+    double scale, bool causal, bool return_stats, int64_t q_offset,
+    std::optional<int64_t> window, std::optional<double> softcap) {
   const AttentionShape shp = check_quant_attention_args(
       query_in, k_codes_in, k_scale_in, k_zero_in, k_bits_in, v_codes_in, v_scale_in, v_zero_in,
       v_bits_in, k_fp_in, v_fp_in, fp_pos_in, q_exclude_in, k_oi_in, k_ov_in, v_oi_in, v_ov_in,
       group_size, v_group_size);
+  check_attention_frame(q_offset, window, softcap, causal);
   const at::Tensor query = query_in.contiguous(), k_codes = k_codes_in.contiguous(),
                    k_scale = k_scale_in.contiguous(), k_zero = k_zero_in.contiguous(),
                    k_bits = k_bits_in.contiguous(), v_codes = v_codes_in.contiguous(),
@@ -349,6 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_attention(
         a.n_k_out = k_oi.defined() ? k_oi.size(3) : 0;
         a.n_v_out = v_oi.defined() ? v_oi.size(3) : 0;
         a.scale = static_cast<float>(scale); a.causal = causal; a.stats_wanted = return_stats;
+        a.q_offset = q_offset; a.window = window.value_or(0);
+        a.softcap = static_cast<float>(softcap.value_or(0.0));
         a.query = query.const_data_ptr<TQ>();
         a.k_codes = k_codes.const_data_ptr<uint8_t>(); a.v_codes = v_codes.const_data_ptr<uint8_t>();
         a.k_pool = k_codes.size(2); a.v_pool = v_codes.size(2);
@@ -363,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_attention(
         a.v_oi = v_oi.defined() ? v_oi.const_data_ptr<int16_t>() : nullptr;
         a.k_ov = k_ov.defined() ? k_ov.const_data_ptr<TF>() : nullptr;
         a.v_ov = v_ov.defined() ? v_ov.const_data_ptr<TF>() : nullptr;
-        a.end_pos = held_end_positions(k_bits, q_exclude, fp_pos, group_size);
+        a.end_pos = held_end_positions(k_bits, q_exclude, fp_pos, group_size, q_offset);
         run_attention(a, out, lse, stats);
       };
       if (k_scale.scalar_type() == at::kHalf) go(c10::Half{}); else go(float{});

@@ -23,7 +23,9 @@
 //        partial dot products, reduce-scattered across the warp (xor butterflies that halve the
 //        live values each round);
 //     2. adds the key outliers as score corrections (q[c] * value: the score is linear in the
-//        key), masks (excluded / empty / causal), updates the online softmax of each row;
+//        key), soft-caps the scores if asked, masks (excluded / empty / causal / out of the
+//        sliding window; quantized token i sits at position q_offset + i), updates the online
+//        softmax of each row;
 //     3. dequantizes the values (lane = channels, codes at arbitrary bit offsets read with funnel
 //        shifts) and accumulates P.V in float32 registers; value outliers go to a per-warp
 //        shared accumulator, one lane per row in (token, index) order (deterministic).
@@ -272,6 +274,7 @@ struct Params {
   int D, G, VG, VGn, L, g, R, FT;  // VGn = D / VG value groups per token; R = g * L rows
   int64_t Q, T;                    // quantized tokens, stats columns (Q + F)
   float qscale;                    // scale * log2(e)
+  float cap2;                      // softcap * log2(e) (scores are in the log2 domain); 0: none
   // plan
   int64_t splits, row_tiles;
   int RT;
@@ -370,13 +373,14 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(const Params p) {
       if (used) p.tiles[slot] = static_cast<int32_t>(t);
     }
     if (used) {
+      const int64_t first = a.q_offset + t * G;  // quantized token i sits at q_offset + i
       if (a.q_exclude == nullptr) {
-        best = best > (t + 1) * G ? best : (t + 1) * G;
+        best = best > first + G ? best : first + G;
       } else {
         const uint8_t* ex = a.q_exclude + b * p.Q + t * G;
         for (int64_t j = G - 1; j >= 0; --j) {
           if (!ex[j]) {
-            best = best > t * G + j + 1 ? best : t * G + j + 1;
+            best = best > first + j + 1 ? best : first + j + 1;
             break;
           }
         }
@@ -491,7 +495,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       cu.vb = p.vw[t];
       cu.koff = p.k_off[t];
       cu.voff = p.v_off[t];
-      cu.steps = (cu.kb == 0 || t * G > qmax) ? 0 : G / 8;
+      cu.steps = (cu.kb == 0 || a.q_offset + t * G > qmax) ? 0 : G / 8;
     } else {
       cu.t = -1 - (cu.i - n_used);
       cu.kb = cu.vb = 0;
@@ -661,13 +665,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       bool vis = row_ok[uu] && j < ntok;
       int64_t pos;
       if (quant) {
-        pos = tok0 + j;
+        pos = a.q_offset + tok0 + j;
         if (a.q_exclude != nullptr && vis) vis = st[p.o_pos + j] == 0;
       } else {
         pos = vis ? reinterpret_cast<const int64_t*>(st + p.o_pos)[j] : -1;
         vis = vis && pos >= 0;
       }
       if (a.causal) vis = vis && pos <= qpos[uu];
+      if (a.window > 0) vis = vis && pos > qpos[uu] - a.window;
       float s = row_ok[uu] ? sc[idx] : neg_inf();
       if (quant && n_k > 0 && row_ok[uu]) {
         const int16_t* oi = reinterpret_cast<const int16_t*>(st + p.o_koi) + j * n_k;
@@ -678,6 +683,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
             s = fmaf(qsm[r * D + c], load_elem(ov, o, a.f_dtype), s);
         }
       }
+      if (p.cap2 > 0.f && vis) s = p.cap2 * tanhf(s / p.cap2);  // soft-capping, log2 domain
       vis = vis && s != neg_inf();  // a score of -inf adds nothing (and 0 * NaN must not happen)
       s = vis ? s : neg_inf();
       bal[uu] = __ballot_sync(kFull, vis);
@@ -1145,6 +1151,7 @@ cudaError_t launch_quant_attention(const QuantAttentionArgs& a, const QuantAtten
   p.Q = a.NB * a.group_size;
   p.T = p.Q + a.F;
   p.qscale = a.scale * kLog2e;
+  p.cap2 = a.softcap * kLog2e;
   p.splits = plan.splits;
   p.row_tiles = plan.row_tiles;
   p.RT = z.rt;

@@ -102,6 +102,9 @@ struct QuantAttentionArgs {
   float scale;
   bool causal;
   bool return_stats;
+  int64_t q_offset;  // position of quantized token 0
+  int64_t window;    // positions a query sees back from its own, itself included; 0: all
+  float softcap;     // scores become softcap * tanh(score / softcap); 0: no capping
 };
 
 // How launch_quant_attention runs a problem: derived from the shapes and the current device

@@ -75,11 +75,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_attention(
     const std::optional<at::Tensor>& q_exclude_in, const std::optional<at::Tensor>& k_oi_in,
     const std::optional<at::Tensor>& k_ov_in, const std::optional<at::Tensor>& v_oi_in,
     const std::optional<at::Tensor>& v_ov_in, int64_t group_size, int64_t v_group_size,
-    double scale, bool causal, bool return_stats) {
+    double scale, bool causal, bool return_stats, int64_t q_offset,
+    std::optional<int64_t> window, std::optional<double> softcap) {
   const AttentionShape shp = check_quant_attention_args(
       query_in, k_codes_in, k_scale_in, k_zero_in, k_bits_in, v_codes_in, v_scale_in, v_zero_in,
       v_bits_in, k_fp_in, v_fp_in, fp_pos_in, q_exclude_in, k_oi_in, k_ov_in, v_oi_in, v_ov_in,
       group_size, v_group_size);
+  check_attention_frame(q_offset, window, softcap, causal);
   TORCH_CHECK(query_in.is_cuda(), "kvq::quant_attention: query must be a CUDA tensor, got device ",
               query_in.device());
   const c10::cuda::CUDAGuard guard(query_in.device());
@@ -145,6 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_attention(
   a.scale = static_cast<float>(scale);
   a.causal = causal;
   a.return_stats = return_stats;
+  a.q_offset = q_offset;
+  a.window = window.value_or(0);
+  a.softcap = static_cast<float>(softcap.value_or(0.0));
 
   QuantAttentionPlan plan{};
   TORCH_CHECK(plan_quant_attention(a, &plan) == cudaSuccess,

@@ -165,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_attention(
     const std::optional<at::Tensor>& k_outlier_value,
     const std::optional<at::Tensor>& v_outlier_index,
     const std::optional<at::Tensor>& v_outlier_value, int64_t group_size, int64_t v_group_size,
-    double scale, bool causal, bool return_stats);
+    double scale, bool causal, bool return_stats, int64_t q_offset, std::optional<int64_t> window,
+    std::optional<double> softcap);
 
 TORCH_LIBRARY_IMPL(kvq, CUDA, m) {
   m.impl("quantize", &quantize);

@@ -5,6 +5,8 @@ The C++ kernels enforce the same rules (csrc/quantize_args.h) with the same mess
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -336,6 +338,20 @@ def check_quant_attention(
     _check_outliers(op, "k_outlier_", k_outlier_index, k_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp", D)
     _check_outliers(op, "v_outlier_", v_outlier_index, v_outlier_value, [B, Hkv, Q], k_fp.dtype, "k_fp", D)
     return B, Hq, L, D, Hkv, Q + F
+
+
+def check_attention_frame(q_offset: int, window: int | None, softcap: float | None, causal: bool) -> None:
+    """Validate kvq::quant_attention's positions and score options (q_offset, window, softcap)."""
+    op = "kvq::quant_attention"
+    torch._check(q_offset >= 0, lambda: f"{op}: q_offset (the position of quantized token 0) must be >= 0, got {q_offset}")
+    if window is not None:
+        torch._check(window >= 1, lambda: f"{op}: window must be >= 1 (the positions a query sees, its own included), got {window}")
+        torch._check(causal, lambda: f"{op}: window needs causal=True (it is measured back from each query's position)")
+    if softcap is not None:
+        torch._check(
+            softcap > 0 and math.isfinite(softcap),
+            lambda: f"{op}: softcap must be a positive finite number (or None for no capping)",
+        )
 
 
 def check_write_tokens(

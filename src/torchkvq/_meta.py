@@ -9,6 +9,7 @@ import torch
 
 from ._checks import (
     check_dequant_matmul,
+    check_attention_frame,
     check_dequantize,
     check_outlier_split,
     check_quant_attention,
@@ -53,11 +54,13 @@ def _dequant_matmul_fake(a, codes, scale, zero, bits, group_size, axis, transpos
 def _quant_attention_fake(query, k_codes, k_scale, k_zero, k_bits, v_codes, v_scale, v_zero,
                           v_bits, k_fp, v_fp, fp_pos, q_exclude, k_outlier_index,
                           k_outlier_value, v_outlier_index, v_outlier_value, group_size,
-                          v_group_size, scale, causal, return_stats):
+                          v_group_size, scale, causal, return_stats, q_offset=0, window=None,
+                          softcap=None):
     B, Hq, L, D, Hkv, T = check_quant_attention(
         query, k_codes, k_scale, k_zero, k_bits, v_codes, v_scale, v_zero, v_bits, k_fp, v_fp,
         fp_pos, q_exclude, k_outlier_index, k_outlier_value, v_outlier_index, v_outlier_value,
         group_size, v_group_size)
+    check_attention_frame(q_offset, window, softcap, causal)
     out = query.new_empty(B, Hq, L, D)
     lse = query.new_empty(B, Hq, L, dtype=torch.float32)
     stats = query.new_empty(*((B, Hkv, T) if return_stats else (0,)), dtype=torch.float32)

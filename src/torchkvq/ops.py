@@ -151,6 +151,9 @@ def quant_attention(
     scale: float,
     causal: bool,
     return_stats: bool = False,
+    q_offset: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax attention of queries over a compressed KV store, reading the packed codes directly.
 
@@ -164,7 +167,9 @@ def quant_attention(
       ``[B, Hkv, NB * G, D / v_group_size]``; float16 or float32.
     * ``k_bits``/``v_bits`` int32 ``[NB]``: each block's width, 1-8, or 0 for an unused block.
     * ``k_fp``/``v_fp`` ``[B, Hkv, F, D]`` full-precision tokens at positions ``fp_pos`` int64
-      ``[B, F]`` (-1 marks an empty slot). Quantized token i sits at position i.
+      ``[B, F]`` (-1 marks an empty slot). Quantized token i sits at position ``q_offset + i``
+      (a sliding-window store frees its oldest blocks, so its first held block need not start at
+      position 0).
     * ``q_exclude`` bool ``[B, NB * G]``: quantized tokens to skip (held in full precision too,
       or padding). ``*_outlier_index`` int16 / ``*_outlier_value`` ``[B, Hkv, NB * G, n]``:
       corrections added to the dequantized keys/values at those channels.
@@ -174,6 +179,11 @@ def quant_attention(
         scale: the softmax scale (usually ``D ** -0.5``).
         causal: queries are the last L positions held and see positions up to their own.
         return_stats: also return per-token attention statistics (see below).
+        q_offset: the position of quantized token 0 (>= 0).
+        window: sliding window W (needs `causal`): a query at position q sees the positions p
+            with ``q - W < p <= q`` (transformers' ``sliding_window``); None: no window.
+        softcap: logit soft-capping c (Gemma 2): the scaled scores s become ``c * tanh(s / c)``
+            before the softmax; None: no capping.
 
     Returns:
         ``(out, lse, stats)``: ``out [B, Hq, L, D]`` in query's dtype (accumulated in float32),
@@ -184,7 +194,7 @@ def quant_attention(
     return torch.ops.kvq.quant_attention(
         query, k_codes, k_scale, k_zero, k_bits, v_codes, v_scale, v_zero, v_bits, k_fp, v_fp,
         fp_pos, q_exclude, k_outlier_index, k_outlier_value, v_outlier_index, v_outlier_value,
-        group_size, v_group_size, scale, causal, return_stats,
+        group_size, v_group_size, scale, causal, return_stats, q_offset, window, softcap,
     )
 
 

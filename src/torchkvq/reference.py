@@ -11,6 +11,7 @@ from ._checks import (
     check_dequant_matmul,
     check_dequantize,
     check_outlier_split,
+    check_attention_frame,
     check_quant_attention,
     check_quantize,
     check_write_tokens,
@@ -212,14 +213,19 @@ def quant_attention(
     scale: float,
     causal: bool,
     return_stats: bool,
+    q_offset: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference of ``kvq::quant_attention``: softmax attention over a compressed store.
 
-    The store holds quantized blocks (token i of the quantized part sits at position i) and
-    full-precision slots (``k_fp``/``v_fp`` at positions ``fp_pos``, -1 = empty). A quantized
-    token is attended to when its block's width is non-zero and ``q_exclude`` does not mark it.
-    With ``causal``, the L queries sit at the last L positions held (per batch row) and each
-    sees positions up to its own. Query head h reads kv head ``h // (Hq / Hkv)``.
+    The store holds quantized blocks (token i of the quantized part sits at position
+    ``q_offset + i``) and full-precision slots (``k_fp``/``v_fp`` at positions ``fp_pos``, -1 =
+    empty). A quantized token is attended to when its block's width is non-zero and
+    ``q_exclude`` does not mark it. With ``causal``, the L queries sit at the last L positions
+    held (per batch row) and each sees positions up to its own; with a ``window`` W, a query at
+    position q sees positions p with ``q - W < p <= q``. With ``softcap`` c, the scaled scores
+    s become ``c * tanh(s / c)`` (Gemma 2). Query head h reads kv head ``h // (Hq / Hkv)``.
 
     Returns ``out [B, Hq, L, D]`` (query's dtype; 0 for a query that sees nothing), ``lse
     [B, Hq, L]`` (float32 log-sum-exp of the scaled scores, -inf when nothing is seen) and, with
@@ -230,6 +236,7 @@ def quant_attention(
         query, k_codes, k_scale, k_zero, k_bits, v_codes, v_scale, v_zero, v_bits, k_fp, v_fp,
         fp_pos, q_exclude, k_outlier_index, k_outlier_value, v_outlier_index, v_outlier_value,
         group_size, v_group_size)
+    check_attention_frame(q_offset, window, softcap, causal)
     G = group_size
     kq = dequantize_blocks(k_codes, k_scale, k_zero, k_bits, G, None, D)
     vq = dequantize_blocks(v_codes, v_scale, v_zero, v_bits, G, v_group_size, D)
@@ -241,7 +248,7 @@ def quant_attention(
     q_valid = (k_bits > 0).repeat_interleave(G)[None, :].expand(B, Q)
     if q_exclude is not None:
         q_valid = q_valid & ~q_exclude
-    q_pos = torch.arange(Q, device=query.device)[None, :].expand(B, Q)
+    q_pos = q_offset + torch.arange(Q, device=query.device)[None, :].expand(B, Q)
     keys = torch.cat([kq, k_fp.float()], dim=2)
     values = torch.cat([vq, v_fp.float()], dim=2)
     valid = torch.cat([q_valid, fp_pos >= 0], dim=1)  # [B, T]
@@ -252,9 +259,13 @@ def quant_attention(
         end = (held.amax(dim=1) if T else held.new_full((B,), -1)) + 1  # one past the newest held
         q_positions = end[:, None] - L + torch.arange(L, device=query.device)
         mask = mask & (pos[:, None, :] <= q_positions[:, :, None])
+        if window is not None:
+            mask = mask & (pos[:, None, :] > q_positions[:, :, None] - window)
     g = Hq // Hkv
     q = query.float().reshape(B, Hkv, g, L, D)
     s = torch.einsum("bkgld,bktd->bkglt", q, keys) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask[:, None, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)

@@ -52,6 +52,11 @@ class StaticDecoder:
                  compile: dict | None = None) -> None:
         if not store.fixed:
             raise ValueError("StaticDecoder: call store.reserve(tokens, fp_tokens) first so its shapes stay fixed")
+        if store.window is not None:
+            raise ValueError(
+                "StaticDecoder: a sliding-window store frees blocks and moves its positions "
+                "(q_offset) as it decodes, which a compiled step would recompile for; decode it eagerly"
+            )
         self.store, self.policy, self.state = store, policy, state
         self._core: Callable = decode_core
         if compile is not None:

@@ -12,6 +12,14 @@ head_dim]`` after RoPE, in three parts:
   that is also quantized is excluded from attention in its quantized form.
 * bookkeeping: per-block widths, slot positions, exclusion flags.
 
+A **sliding-window** store (``window=W``, for layers whose queries see only the last W
+positions) keeps only what its queries can still see: before new tokens are appended (and on
+:meth:`evict`), full-precision tokens that left every future query's window are dropped and
+quantized blocks that left it entirely are freed (the held blocks move down the pools, and the
+first held block's position becomes ``q_offset``); a block partly inside stays, its
+out-of-window tokens masked by the kernel. Pins that leave the window are dropped with their
+tokens.
+
 The store has no policy: a policy appends tokens, decides when blocks are quantized and at what
 widths, and which tokens to pin. Every token is quantized once, from its full-precision value.
 All tensors are preallocated with capacity and grow geometrically, so appending never copies the
@@ -66,6 +74,8 @@ class KVStore:
             (default: the largest such number up to `group_size`).
         scale_dtype: dtype of scales and zero points (float16 or float32).
         key_outliers, value_outliers: per-token outlier capacity of keys and values.
+        window: sliding window W of the layer (a query at position q sees ``q - W < p <= q``),
+            or None for full attention.
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class KVStore:
         scale_dtype: torch.dtype = torch.float16,
         key_outliers: Outliers = Outliers(),
         value_outliers: Outliers = Outliers(),
+        window: int | None = None,
     ) -> None:
         # Default: the widest multiple of 8 up to group_size that divides head_dim (80 -> 16).
         vg = value_group_size if value_group_size is not None else max(
@@ -104,7 +115,10 @@ class KVStore:
                     f"KVStore: {name} must be >= 0 each and leave channels dense (< head_dim "
                     f"{head_dim}), got {o}"
                 )
+        if window is not None and window < 1:
+            raise ValueError(f"KVStore: window must be >= 1 (or None for full attention), got {window}")
         self.batch_size, self.kv_heads, self.head_dim = batch_size, kv_heads, head_dim
+        self.window = window
         self.dtype, self.device = dtype, torch.device(device)
         self.group_size, self.value_group_size, self.scale_dtype = group_size, vg, scale_dtype
         self.key_outliers, self.value_outliers = key_outliers, value_outliers
@@ -137,6 +151,9 @@ class KVStore:
         self._pinned: set[int] = set()
         self._n_tokens = 0
         self._fixed = False
+        self._q_offset = 0  # position of quantized token 0 (> 0 once a window freed blocks)
+        self._horizon = 0  # no query before this position will come (sliding window)
+        self._lead_pad = [0] * B  # per batch row: leading positions marked padding
 
     # ---- what is held ----------------------------------------------------------------------
 
@@ -147,8 +164,22 @@ class KVStore:
 
     @property
     def n_quantized(self) -> int:
-        """Tokens held in quantized blocks: positions ``[0, n_quantized)``."""
-        return len(self._block_bits) * self.group_size
+        """Positions below this are quantized or, in a sliding-window store, dropped: the next
+        block to quantize starts here. Quantized blocks hold ``[q_offset, n_quantized)``."""
+        return self._q_offset + len(self._block_bits) * self.group_size
+
+    @property
+    def q_offset(self) -> int:
+        """Position of the first held quantized token (0 unless a window freed blocks)."""
+        return self._q_offset
+
+    @property
+    def window_start(self) -> int:
+        """The oldest position a query can still see: 0 without a window, else
+        ``first query - W + 1`` (older tokens are dropped, or masked in a block partly inside)."""
+        if self.window is None:
+            return 0
+        return max(0, self._horizon - self.window + 1)
 
     @property
     def block_bits(self) -> list[tuple[int, int]]:
@@ -190,7 +221,8 @@ class KVStore:
         ``reserved`` is allocated capacity not yet in use.
         """
         B, H, D, G = self.batch_size, self.kv_heads, self.head_dim, self.group_size
-        nb, q = len(self._block_bits), self.n_quantized
+        nb = len(self._block_bits)
+        q = nb * G
         sb = torch.empty(0, dtype=self.scale_dtype).element_size()
         eb = torch.empty(0, dtype=self.dtype).element_size()
         out_count = self.key_outliers.count + self.value_outliers.count
@@ -207,8 +239,12 @@ class KVStore:
         return used
 
     def fp16_nbytes(self) -> int:
-        """Bytes an fp16 cache of the same tokens would take: the baseline of compression ratios."""
-        return 2 * 2 * self.batch_size * self.kv_heads * self.head_dim * self._n_tokens
+        """Bytes an fp16 cache of the same layer would take: the baseline of compression ratios.
+
+        A full-attention layer holds every token; a sliding-window layer the ``W - 1`` newest
+        between steps, as transformers' ``DynamicSlidingWindowLayer`` does."""
+        held = self._n_tokens if self.window is None else min(self._n_tokens, self.window - 1)
+        return 2 * 2 * self.batch_size * self.kv_heads * self.head_dim * held
 
     # ---- capacity --------------------------------------------------------------------------
 
@@ -245,7 +281,8 @@ class KVStore:
 
     def _ensure_blocks(self, blocks: int, k_bytes: int, v_bytes: int, exact: bool = False) -> None:
         def size(cap: int, need: int) -> int:
-            return need if exact else max(need, int(cap * _GROWTH))
+            # A sliding-window store needs a bounded number of blocks: no slack beyond that.
+            return need if exact or self.window is not None else max(need, int(cap * _GROWTH))
 
         G = self.group_size
         for what, need, cap in (("key codes", k_bytes, self.k_codes.shape[2]),
@@ -326,7 +363,11 @@ class KVStore:
     def prepare_append(self, n: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Book slots for `n` new tokens and return ``(slots [n], positions [batch, n])`` for
         ``kvq.write_tokens``; :meth:`append` is this plus the write. Split so that a compiled
-        decode step can do the write itself (see :mod:`torchkvq.static`)."""
+        decode step can do the write itself (see :mod:`torchkvq.static`). A sliding-window store
+        first drops what the new tokens' queries cannot see (:meth:`evict`)."""
+        self.evict(self._n_tokens)
+        if valid is not None:
+            self._note_padding(self._n_tokens, valid)
         f = len(self._slots)
         self._ensure_slots(f + n)
         slots = torch.arange(f, f + n, device=self.device)
@@ -354,6 +395,7 @@ class KVStore:
         first = self._n_tokens - n
         if first < self.n_quantized:
             raise ValueError("KVStore.mark_padding: those tokens are already quantized; mark padding right after append")
+        self._note_padding(first, valid)
         slot_of = {p: i for i, p in enumerate(self._slots)}
         idx = torch.tensor([slot_of[p] for p in range(first, self._n_tokens)], device=self.device)
         pos = self.fp_pos.index_select(1, idx)
@@ -401,7 +443,7 @@ class KVStore:
             self._write_run(keys, values, start, end, nb0, bits[start])
             start = end
         self._block_bits.extend(bits)
-        sl = slice(q0, q0 + n)
+        sl = slice(q0 - self._q_offset, q0 - self._q_offset + n)  # quantized token index
         pinned = torch.tensor([p in self._pinned for p in range(q0, q0 + n)], device=self.device)
         self.q_exclude[:, sl] = pad | pinned
         self._drop_slots({p for p in range(q0, q0 + n) if p not in self._pinned})
@@ -481,6 +523,86 @@ class KVStore:
             self.v_fp = self.v_fp[:, :, :new].clone()
             self.fp_pos = self.fp_pos[:, :new].clone()
 
+    def _note_padding(self, first: int, valid: torch.Tensor) -> None:
+        """Extend each row's leading padding with the new tokens `first`.. marked invalid."""
+        for b, row in enumerate(valid.tolist()):
+            if self._lead_pad[b] == first:  # everything before is padding
+                self._lead_pad[b] += row.index(True) if True in row else len(row)
+
+    # ---- sliding window --------------------------------------------------------------------
+
+    def evict(self, first_query: int) -> None:
+        """Sliding-window store: no query before position `first_query` will come, so drop what
+        the queries from there on cannot see (nothing without a window).
+
+        Full-precision tokens (pinned ones too: their pins go) older than :attr:`window_start`
+        are dropped, quantized blocks entirely older are freed and the held blocks move down the
+        pools. Tokens older than it that were never quantized are skipped: :attr:`n_quantized`
+        jumps past them. :meth:`append` calls this with the first new position.
+        """
+        if self.window is None:
+            return
+        if not 0 <= first_query <= self._n_tokens:
+            raise ValueError(f"KVStore.evict: first_query must be in [0, {self._n_tokens}], got {first_query}")
+        self._horizon = max(self._horizon, first_query)
+        cut = self.window_start
+        G = self.group_size
+        gone = {p for p in self._slots if p < cut}
+        self._pinned = {p for p in self._pinned if p >= cut}
+        n_free = min(len(self._block_bits), max(0, (cut - self._q_offset) // G))
+        if n_free:
+            self._free_blocks(n_free)
+        if self.n_quantized < cut:  # no block left: the next block starts at the window
+            self._q_offset = cut
+        self._drop_slots(gone)
+
+    def _free_blocks(self, k: int) -> None:
+        """Free the `k` oldest blocks: the others move to the front of every block tensor."""
+        G, D = self.group_size, self.head_dim
+        m = len(self._block_bits) - k
+        k_gone = sum(G * D * kb // 8 for kb, _ in self._block_bits[:k])
+        v_gone = sum(G * D * vb // 8 for _, vb in self._block_bits[:k])
+
+        def shift(t: torch.Tensor, dim: int, start: int, length: int, fill) -> None:
+            # [start, start + length) -> [0, length), then clear the tail it vacated; the clone
+            # because source and destination overlap
+            if length:
+                t.narrow(dim, 0, length).copy_(t.narrow(dim, start, length).clone())
+            t.narrow(dim, length, start).fill_(fill)
+
+        shift(self.k_codes, 2, k_gone, self._k_bytes - k_gone, 0)
+        shift(self.v_codes, 2, v_gone, self._v_bytes - v_gone, 0)
+        for t in (self.k_bits, self.v_bits):
+            shift(t, 0, k, m, 0)
+        for t in (self.k_scale, self.k_zero):
+            shift(t, 2, k, m, 0)
+        shift(self.q_exclude, 1, k * G, m * G, False)
+        for t in (self.v_scale, self.v_zero, self.k_outlier_index, self.k_outlier_value,
+                  self.v_outlier_index, self.v_outlier_value):
+            if t is not None:
+                shift(t, 2, k * G, m * G, 0)
+        self._block_bits = self._block_bits[k:]
+        self._k_bytes -= k_gone
+        self._v_bytes -= v_gone
+        self._q_offset += k * G
+        if not self._fixed and self.k_bits.shape[0] > 2 * m + 4:  # e.g. after a long prefill
+            self._shrink_blocks(max(m, 1))
+
+    def _shrink_blocks(self, blocks: int) -> None:
+        """Give back block capacity beyond `blocks` blocks and the code bytes in use."""
+        G = self.group_size
+        self.k_codes = self.k_codes[:, :, : self._k_bytes].clone()
+        self.v_codes = self.v_codes[:, :, : self._v_bytes].clone()
+        self.k_bits, self.v_bits = self.k_bits[:blocks].clone(), self.v_bits[:blocks].clone()
+        self.k_scale = self.k_scale[:, :, :blocks].clone()
+        self.k_zero = self.k_zero[:, :, :blocks].clone()
+        self.q_exclude = self.q_exclude[:, : blocks * G].clone()
+        for name in ("v_scale", "v_zero", "k_outlier_index", "k_outlier_value", "v_outlier_index",
+                     "v_outlier_value"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[:, :, : blocks * G].clone())
+
     # ---- pinning ---------------------------------------------------------------------------
 
     def pin(self, positions) -> None:
@@ -497,13 +619,21 @@ class KVStore:
             )
         self._pinned |= positions
 
+    def sink_positions(self, n: int) -> set[int]:
+        """Positions of every batch row's first `n` real tokens (after its leading padding),
+        united over the batch, among those held and still visible. Pinning them keeps each
+        row's attention sinks in full precision; rows with different padding make the union
+        wider than `n` (a position pinned for one row is full precision for all rows)."""
+        first, end = self.window_start, self._n_tokens
+        return {p for lead in set(self._lead_pad) for p in range(max(lead, first), min(lead + n, end))}
+
     def unpin(self, positions) -> None:
         """Release pinned tokens: already-quantized ones fall back to their quantized copy."""
         positions = set(int(p) for p in positions) & self._pinned
         self._pinned -= positions
         quantized = {p for p in positions if p < self.n_quantized}
         if quantized:
-            idx = torch.tensor(sorted(quantized), device=self.device)
+            idx = torch.tensor([p - self._q_offset for p in sorted(quantized)], device=self.device)
             # A padding token stays excluded: its fp slot holds -1 for that batch row.
             slot_of = {p: i for i, p in enumerate(self._slots)}
             slots = torch.tensor([slot_of[p] for p in sorted(quantized)], device=self.device)
@@ -533,19 +663,30 @@ class KVStore:
         scale: float | None = None,
         causal: bool = True,
         return_stats: bool = False,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention of `query` ``[batch, q_heads, L, head_dim]`` over everything held.
 
-        The queries are the last L tokens appended (causal: each sees positions up to its own).
-        Returns ``(out, lse, stats)`` as :func:`torchkvq.ops.quant_attention`; ``stats`` columns
-        are the quantized positions ``[0, block capacity * group_size)`` then the fp slots (see
-        :attr:`fp_positions`).
+        The queries are the last L tokens appended (causal: each sees positions up to its own;
+        in a sliding-window store only the last :attr:`window` of them). `softcap` soft-caps the
+        scaled scores (``c * tanh(s / c)``, Gemma 2). Returns ``(out, lse, stats)`` as
+        :func:`torchkvq.ops.quant_attention`; ``stats`` columns are the quantized tokens
+        ``[0, block capacity * group_size)`` (positions from :attr:`q_offset`) then the fp slots
+        (see :attr:`fp_positions`).
         """
         if query.dim() != 4 or query.shape[2] > self._n_tokens:
             raise ValueError(
                 f"KVStore.attend: query must be [batch, q_heads, L, head_dim] with L <= the "
                 f"{self._n_tokens} tokens held (queries are the newest tokens), got {list(query.shape)}"
             )
+        if self._n_tokens - query.shape[2] < self._horizon:
+            raise ValueError(
+                f"KVStore.attend: this sliding-window store dropped what queries before position "
+                f"{self._horizon} would see; attend with at most the {self._n_tokens - self._horizon} "
+                f"newest tokens as queries, got L = {query.shape[2]}"
+            )
+        if self.window is not None and not causal:
+            raise ValueError("KVStore.attend: a sliding-window store attends causally (causal=True)")
         if scale is None:
             scale = self.head_dim**-0.5
         return ops.quant_attention(
@@ -553,19 +694,21 @@ class KVStore:
             self.v_scale, self.v_zero, self.v_bits, self.k_fp, self.v_fp, self.fp_pos,
             self.q_exclude, self.k_outlier_index, self.k_outlier_value, self.v_outlier_index,
             self.v_outlier_value, self.group_size, self.value_group_size, scale, causal,
-            return_stats,
+            return_stats, self._q_offset, self.window, softcap,
         )
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything held as float32 ``(keys, values, positions)`` in position order - for tests
         and debugging only: this is the full-precision copy attention never builds.
 
-        Keys/values are ``[batch, kv_heads, n, head_dim]``; for each position the full-precision
-        copy wins over the quantized one. Padding comes back like any token.
+        Keys/values are ``[batch, kv_heads, n, head_dim]`` for the positions from the oldest
+        held one (0 without a window) to the newest; for each position the full-precision copy
+        wins over the quantized one. Padding comes back like any token, and so do dropped
+        tokens between held ones (zeros) and out-of-window tokens of a block partly inside.
         """
         from . import reference
 
-        D, q = self.head_dim, self.n_quantized
+        D, q, o = self.head_dim, len(self._block_bits) * self.group_size, self._q_offset
         kq = reference.dequantize_blocks(self.k_codes, self.k_scale, self.k_zero, self.k_bits,
                                          self.group_size, None, D)[:, :, :q]
         vq = reference.dequantize_blocks(self.v_codes, self.v_scale, self.v_zero, self.v_bits,
@@ -574,10 +717,11 @@ class KVStore:
             kq = kq.scatter_add(-1, self.k_outlier_index[:, :, :q].long(), self.k_outlier_value[:, :, :q].float())
         if self.v_outlier_index is not None:
             vq = vq.scatter_add(-1, self.v_outlier_index[:, :, :q].long(), self.v_outlier_value[:, :, :q].float())
-        keys = torch.zeros(self.batch_size, self.kv_heads, self._n_tokens, D)
+        first = min(([o] if q else []) + self._slots, default=self._n_tokens) if self.window else 0
+        keys = torch.zeros(self.batch_size, self.kv_heads, self._n_tokens - first, D)
         values = torch.zeros_like(keys)
-        keys[:, :, :q], values[:, :, :q] = kq, vq
+        keys[:, :, o - first : o - first + q], values[:, :, o - first : o - first + q] = kq, vq
         for slot, p in enumerate(self._slots):
-            keys[:, :, p] = self.k_fp[:, :, slot].float()
-            values[:, :, p] = self.v_fp[:, :, slot].float()
-        return keys, values, torch.arange(self._n_tokens)
+            keys[:, :, p - first] = self.k_fp[:, :, slot].float()
+            values[:, :, p - first] = self.v_fp[:, :, slot].float()
+        return keys, values, torch.arange(first, self._n_tokens)

@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..policies import Policy
 from ..store import KVStore
@@ -24,23 +24,25 @@ class KVQLayer(CacheLayerMixin):
 
     ``update`` only appends the new keys and values in full precision and tags the returned key
     tensor with this layer; torchkvq's attention function (see :mod:`torchkvq.hf.attention`)
-    then lets the policy quantize and attends over the store directly.
+    then lets the policy quantize and attends over the store directly. `window` is the layer's
+    sliding window (None: full attention): its store keeps only what the window still sees.
     """
 
     is_compileable = False
     is_croppable = False
-    is_sliding = False
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, window: int | None = None) -> None:
         super().__init__()
         self.policy = policy
+        self.window = window
+        self.is_sliding = window is not None
         self.state: Any = policy.new_state()
         self.store: KVStore | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.store = self.policy.make_store(B, H, D, key_states.dtype, key_states.device)
+        self.store = self.policy.make_store(B, H, D, key_states.dtype, key_states.device, self.window)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -78,7 +80,9 @@ class KVQCache(Cache):
 
     Args:
         config: the model's config; the model must use torchkvq's attention
-            (:func:`torchkvq.hf.enable` sets that up).
+            (:func:`torchkvq.hf.enable` sets that up). Sliding-window layers (the config's
+            ``layer_types`` / ``sliding_window``, as transformers' ``DynamicCache`` reads them)
+            get sliding-window stores, full-attention layers ordinary ones.
         policy: the cache policy, e.g. :class:`torchkvq.policies.KIVI`.
 
     Example:
@@ -100,15 +104,22 @@ class KVQCache(Cache):
                 "the new tokens only; call torchkvq.hf.enable(model, policy) first (it returns a "
                 f"ready cache). attn_implementation is {getattr(text, '_attn_implementation', None)!r}"
             )
-        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-        unsupported = sorted(set(layer_types) - {"full_attention"})
-        if unsupported or getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        if getattr(text, "use_bidirectional_attention", False):
+            raise NotImplementedError("KVQCache: bidirectional attention is not supported; only causal decoders are")
+        # The same reading of the config as transformers' DynamicCache (layer_types, else each
+        # layer's sliding_window), so both caches give a layer the same window.
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unsupported:
             raise NotImplementedError(
-                f"KVQCache: layer types {unsupported or ['sliding_attention']} are not supported "
-                "yet; only full-attention decoders are"
+                f"KVQCache: layer types {unsupported} are not supported; only full-attention and "
+                "sliding-window layers are"
             )
         self.policy = policy
-        super().__init__(layers=[KVQLayer(policy) for _ in range(text.num_hidden_layers)])
+        super().__init__(layers=[
+            KVQLayer(policy, kw.get("sliding_window") if t == "sliding_attention" else None)
+            for t, kw in zip(layer_types, layer_kwargs)
+        ])
 
     @property
     def stores(self) -> list[KVStore]:
@@ -128,5 +139,5 @@ class KVQCache(Cache):
         return total
 
     def fp16_nbytes(self) -> int:
-        """Bytes an fp16 cache of the same tokens would take."""
+        """Bytes an fp16 cache of the same layers would take (a sliding-window layer: its window)."""
         return sum(s.fp16_nbytes() for s in self.stores)

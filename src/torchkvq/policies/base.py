@@ -2,7 +2,8 @@
 
 A policy drives a :class:`~torchkvq.store.KVStore` and nothing else: after tokens are appended
 it pins tokens and quantizes blocks; after attention it may look at per-token attention
-statistics. It never calls a kernel itself.
+statistics. It never calls a kernel itself. In a sliding-window layer the store drops what left
+the window, pins included; a policy pins only positions from ``store.window_start`` on.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ class Policy(ABC):
         """Short label used in tables, e.g. ``kivi-2``."""
 
     def make_store(self, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device | str) -> KVStore:
-        """An empty store configured for this policy."""
+                   device: torch.device | str, window: int | None = None) -> KVStore:
+        """An empty store configured for this policy; `window` is the layer's sliding window
+        (None: full attention)."""
         return KVStore(
             batch_size, kv_heads, head_dim, dtype=self.window_dtype or dtype, device=device,
             group_size=self.group_size, value_group_size=self.value_group_size,
             scale_dtype=self.scale_dtype, key_outliers=self.key_outliers,
-            value_outliers=self.value_outliers,
+            value_outliers=self.value_outliers, window=window,
         )
 
     def new_state(self) -> Any:

@@ -18,7 +18,9 @@ class KIVI(Policy):
     Keys are quantized per channel over blocks of `group_size` tokens, values per token in groups
     of `value_group_size` channels. At least the `residual` newest tokens stay in full precision,
     so the prefill's tail that does not fill a block stays in full precision too. The first
-    `sinks` tokens (attention sinks) can be kept in full precision for good.
+    `sinks` tokens (attention sinks) can be kept in full precision for good: each batch row's
+    first real tokens, after its left padding (see :meth:`KVStore.sink_positions`); in a
+    sliding-window layer only while they are inside the window.
 
     Args:
         key_bits, value_bits: widths, 1-8 each.
@@ -55,7 +57,7 @@ class KIVI(Policy):
 
     def after_append(self, store: KVStore, state: Any) -> None:
         if self.sinks:  # sinks arrive in full precision and are pinned before any flush
-            store.pin(p for p in range(min(self.sinks, store.n_tokens)) if p not in store.pinned)
+            store.pin(store.sink_positions(self.sinks) - store.pinned)
         ready = (store.n_tokens - self.residual - store.n_quantized) // store.group_size
         if ready > 0:
             store.quantize_blocks([(self.key_bits, self.value_bits)] * ready)

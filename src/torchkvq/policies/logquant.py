@@ -60,7 +60,8 @@ class LogQuant(Policy):
     quantized copy is excluded from attention until the log set drops it. Tokens older than the
     local window that do not yet fill a block stay in full precision for the moment, so at most
     ``3 * window + group_size - 1`` tokens are in full precision. Unlike the reference code,
-    history is never re-quantized from dequantized values.
+    history is never re-quantized from dequantized values. In a sliding-window layer, log
+    positions (position 0 included) are dropped once they leave the layer's window.
 
     Args:
         window: W; the local window holds W..2W tokens, the log set at most W.
@@ -99,7 +100,9 @@ class LogQuant(Policy):
         else:
             for p in range(seen, store.n_tokens):
                 index.push(p)
-        log = set(index.log)
+        # In a sliding-window layer, log positions older than the window were dropped by the
+        # store (pins included): the log set keeps only what the layer still sees.
+        log = {p for p in index.log if p >= store.window_start}
         store.unpin(store.pinned - log)
         store.pin(log - store.pinned)
         ready = (index.local[0] - store.n_quantized) // store.group_size

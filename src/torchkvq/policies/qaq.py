@@ -107,12 +107,12 @@ class QAQ(Policy):
         each = max(1, round(self.outlier_fraction * head_dim / 2))
         return Outliers(each, each)
 
-    def make_store(self, batch_size, kv_heads, head_dim, dtype, device) -> KVStore:
+    def make_store(self, batch_size, kv_heads, head_dim, dtype, device, window=None) -> KVStore:
         o = self._outliers(head_dim)
         return KVStore(
             batch_size, kv_heads, head_dim, dtype=self.window_dtype or dtype, device=device,
             group_size=self.group_size, value_group_size=self.value_group_size,
-            scale_dtype=self.scale_dtype, key_outliers=o, value_outliers=o,
+            scale_dtype=self.scale_dtype, key_outliers=o, value_outliers=o, window=window,
         )
 
     @property
@@ -141,7 +141,8 @@ class QAQ(Policy):
         return s[..., s.shape[-1] - 1 - o.high] - s[..., o.low]
 
     def _block_bits(self, store: KVStore, st: QAQState, b: int) -> tuple[int, int]:
-        G, T = store.group_size, store.n_tokens
+        # T: the tokens a query attends to (a sliding-window layer sees at most its window)
+        G, T = store.group_size, min(store.n_tokens, store.window or store.n_tokens)
         first = store.n_quantized + b * G
         positions = list(range(first, first + G))
         keys, values = store.fp_tokens(positions)
