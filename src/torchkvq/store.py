@@ -546,6 +546,13 @@ class KVStore:
                 f"KVStore.attend: query must be [batch, q_heads, L, head_dim] with L <= the "
                 f"{self._n_tokens} tokens held (queries are the newest tokens), got {list(query.shape)}"
             )
+        B, Hq, _, D = query.shape
+        if B != self.batch_size or D != self.head_dim or Hq % self.kv_heads:
+            raise ValueError(
+                f"KVStore.attend: query {list(query.shape)} does not fit this store (batch "
+                f"{self.batch_size}, a multiple of {self.kv_heads} heads, head_dim {self.head_dim}); "
+                "queries must come from the batch and model that filled the store"
+            )
         if scale is None:
             scale = self.head_dim**-0.5
         return ops.quant_attention(

@@ -48,7 +48,7 @@ class KVQLayer(CacheLayerMixin):
         """Append the new tokens; on any error the layer is left exactly as it was."""
         if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
             raise ValueError(f"KVQCache: keys must be a [batch, kv_heads, tokens, head_dim] tensor, "
-                             f"got {getattr(key_states, 'shape', type(key_states).__name__)}")
+                             f"got {list(key_states.shape) if isinstance(key_states, torch.Tensor) else type(key_states).__name__}")
         store = self.store
         if store is None:
             # Built aside and kept only once the append succeeded: a failed first update leaves

@@ -54,7 +54,7 @@ def model_fingerprint(config) -> dict[str, Any]:
     text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     rope = getattr(text, "rope_parameters", None) or {"rope_theta": getattr(text, "rope_theta", None)}
-    dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    dtype = text.dtype if hasattr(text, "dtype") else getattr(text, "torch_dtype", None)
     return {
         "model_type": getattr(text, "model_type", None),
         "num_hidden_layers": text.num_hidden_layers,
