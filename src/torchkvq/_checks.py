@@ -369,6 +369,22 @@ def check_write_tokens(
         lambda: f"{op}: k_fp and v_fp must be [batch, kv_heads, slots, head_dim] of one shape, "
         f"got {list(k_fp.shape)} and {list(v_fp.shape)}",
     )
+    torch._check(
+        k_fp.dtype in FLOAT_DTYPES and v_fp.dtype == k_fp.dtype,
+        lambda: f"{op}: k_fp and v_fp must be float32, float16 or bfloat16 of one dtype, got "
+        f"{_dt(k_fp.dtype)} and {_dt(v_fp.dtype)}",
+    )
+    for name, t in (("v_fp", v_fp), ("fp_pos", fp_pos), ("key", key), ("value", value),
+                    ("slots", slots), ("positions", positions)):
+        torch._check(
+            t.device == k_fp.device,
+            lambda: f"{op}: {name} is on {t.device} but k_fp is on {k_fp.device}; move every "
+            "input to one device",
+        )
+    torch._check(
+        k_fp.is_contiguous() and v_fp.is_contiguous() and fp_pos.is_contiguous(),
+        lambda: f"{op}: the store's tensors must be contiguous",
+    )
     B, H, F, D = k_fp.shape
     torch._check(
         key.dim() == 4 and key.shape[0] == B and key.shape[1] == H and key.shape[3] == D
@@ -377,6 +393,10 @@ def check_write_tokens(
         f"{list(key.shape)} and {list(value.shape)}",
     )
     n = key.shape[2]
+    torch._check(
+        key.dtype in FLOAT_DTYPES and value.dtype in FLOAT_DTYPES,
+        lambda: f"{op}: key and value must be float32, float16 or bfloat16",
+    )
     torch._check(
         slots.dtype == torch.int64 and list(slots.shape) == [n],
         lambda: f"{op}: slots must be int64 [{n}], got {_dt(slots.dtype)} {list(slots.shape)}",
@@ -387,5 +407,5 @@ def check_write_tokens(
     )
     torch._check(
         fp_pos.dtype == torch.int64 and list(fp_pos.shape) == [B, F],
-        lambda: f"{op}: fp_pos must be int64 [{B}, {F}], got {list(fp_pos.shape)}",
+        lambda: f"{op}: fp_pos must be int64 [{B}, {F}], got {_dt(fp_pos.dtype)} {list(fp_pos.shape)}",
     )

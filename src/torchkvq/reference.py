@@ -286,6 +286,11 @@ def write_tokens(
     """Reference of ``kvq::write_tokens``: token j goes to slot ``slots[j]`` of k_fp/v_fp (cast
     to their dtype) and ``fp_pos[:, slots[j]] = positions[:, j]``, in place."""
     check_write_tokens(k_fp, v_fp, fp_pos, key, value, slots, positions)
+    F = k_fp.shape[2]
+    if slots.numel():  # the kernel checks this on the CPU too (data, so not in the fake)
+        lo, hi = int(slots.min()), int(slots.max())
+        torch._check(lo >= 0 and hi < F, lambda: f"kvq::write_tokens: slots must be in [0, {F}) "
+                     f"(the slots k_fp holds), got {lo}..{hi}")
     k_fp.index_copy_(2, slots, key.to(k_fp.dtype))
     v_fp.index_copy_(2, slots, value.to(v_fp.dtype))
     fp_pos.index_copy_(1, slots, positions)

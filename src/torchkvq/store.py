@@ -679,6 +679,13 @@ class KVStore:
                 f"KVStore.attend: query must be [batch, q_heads, L, head_dim] with L <= the "
                 f"{self._n_tokens} tokens held (queries are the newest tokens), got {list(query.shape)}"
             )
+        B, Hq, _, D = query.shape
+        if B != self.batch_size or D != self.head_dim or Hq % self.kv_heads:
+            raise ValueError(
+                f"KVStore.attend: query {list(query.shape)} does not fit this store (batch "
+                f"{self.batch_size}, a multiple of {self.kv_heads} heads, head_dim {self.head_dim}); "
+                "queries must come from the batch and model that filled the store"
+            )
         if self._n_tokens - query.shape[2] < self._horizon:
             raise ValueError(
                 f"KVStore.attend: this sliding-window store dropped what queries before position "
@@ -725,3 +732,105 @@ class KVStore:
             keys[:, :, p - first] = self.k_fp[:, :, slot].float()
             values[:, :, p - first] = self.v_fp[:, :, slot].float()
         return keys, values, torch.arange(first, self._n_tokens)
+
+    # ---- saving and restoring --------------------------------------------------------------
+
+    def _used_views(self, blocks: int, k_bytes: int, v_bytes: int, slots: int) -> dict[str, torch.Tensor]:
+        """Views of the parts of every tensor that hold `blocks` blocks and `slots` fp slots."""
+        q = blocks * self.group_size
+        views = {"k_bits": self.k_bits[:blocks], "v_bits": self.v_bits[:blocks],
+                 "k_codes": self.k_codes[:, :, :k_bytes], "v_codes": self.v_codes[:, :, :v_bytes],
+                 "k_scale": self.k_scale[:, :, :blocks], "k_zero": self.k_zero[:, :, :blocks],
+                 "v_scale": self.v_scale[:, :, :q], "v_zero": self.v_zero[:, :, :q],
+                 "q_exclude": self.q_exclude[:, :q], "k_fp": self.k_fp[:, :, :slots],
+                 "v_fp": self.v_fp[:, :, :slots], "fp_pos": self.fp_pos[:, :slots]}
+        for name in ("k_outlier_index", "k_outlier_value", "v_outlier_index", "v_outlier_value"):
+            t = getattr(self, name)
+            if t is not None:
+                views[name] = t[:, :, :q]
+        return views
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The store as ``(tensors, meta)``: what :meth:`from_state_dict` needs to rebuild it.
+
+        ``tensors`` hold only what is in use (a file is not padded with capacity), as contiguous
+        copies; ``meta`` is JSON-serializable: the constructor arguments, the bookkeeping and the
+        capacities, so that a restored store has the same tensor shapes, hence computes
+        bit-identical attention and grows at the same steps.
+        """
+        used = self._used_views(len(self._block_bits), self._k_bytes, self._v_bytes, len(self._slots))
+        meta = {
+            "batch_size": self.batch_size, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+            "dtype": str(self.dtype).removeprefix("torch."), "group_size": self.group_size,
+            "value_group_size": self.value_group_size,
+            "scale_dtype": str(self.scale_dtype).removeprefix("torch."),
+            "key_outliers": [self.key_outliers.low, self.key_outliers.high],
+            "value_outliers": [self.value_outliers.low, self.value_outliers.high],
+            "block_bits": [list(b) for b in self._block_bits], "k_bytes": self._k_bytes,
+            "v_bytes": self._v_bytes, "slots": list(self._slots), "pinned": sorted(self._pinned),
+            "n_tokens": self._n_tokens, "fixed": self._fixed, "window": self.window,
+            "q_offset": self._q_offset, "horizon": self._horizon, "lead_pad": list(self._lead_pad),
+            "capacity": {"blocks": self.k_bits.shape[0], "k_bytes": self.k_codes.shape[2],
+                         "v_bytes": self.v_codes.shape[2], "slots": self.k_fp.shape[2]},
+        }
+        return {n: t.detach().clone().contiguous() for n, t in used.items()}, meta
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], meta: dict,
+                        device: torch.device | str = "cpu") -> "KVStore":
+        """Rebuild a store saved with :meth:`state_dict` on `device`.
+
+        Raises ValueError naming the first field or tensor that does not fit the saved
+        configuration (a file from another version, or a damaged one); never returns a partial
+        store.
+        """
+        def dtype(name: str) -> torch.dtype:
+            d = getattr(torch, str(meta[name]), None)
+            if not isinstance(d, torch.dtype):
+                raise ValueError(f"KVStore.from_state_dict: {name} {meta[name]!r} is not a torch dtype")
+            return d
+
+        try:
+            store = cls(
+                meta["batch_size"], meta["kv_heads"], meta["head_dim"], dtype=dtype("dtype"),
+                device=device, group_size=meta["group_size"], value_group_size=meta["value_group_size"],
+                scale_dtype=dtype("scale_dtype"), key_outliers=Outliers(*meta["key_outliers"]),
+                value_outliers=Outliers(*meta["value_outliers"]), window=meta["window"],
+            )
+            bits = [(int(k), int(v)) for k, v in meta["block_bits"]]
+            slots, pinned = [int(p) for p in meta["slots"]], {int(p) for p in meta["pinned"]}
+            n, fixed, cap = int(meta["n_tokens"]), bool(meta["fixed"]), meta["capacity"]
+            q_off, horizon = int(meta["q_offset"]), int(meta["horizon"])
+            lead_pad = [int(p) for p in meta["lead_pad"]]
+            k_bytes, v_bytes = int(meta["k_bytes"]), int(meta["v_bytes"])
+            caps = [int(cap[c]) for c in ("blocks", "k_bytes", "v_bytes", "slots")]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"KVStore.from_state_dict: meta lacks or mangles the field {e}") from None
+        G, D = store.group_size, store.head_dim
+        nb, q = len(bits), len(bits) * G
+        # Positions after the quantized blocks that a query can still see are all in fp slots.
+        start = max(q_off + q, 0 if store.window is None else horizon - store.window + 1)
+        if not (all(1 <= k <= 8 and 1 <= v <= 8 for k, v in bits) and 0 <= q_off and q_off + q <= n
+                and horizon <= n and len(lead_pad) == store.batch_size
+                and k_bytes == sum(G * D * k // 8 for k, _ in bits)
+                and v_bytes == sum(G * D * v // 8 for _, v in bits)
+                and len(set(slots)) == len(slots) and all(0 <= p < n for p in slots)
+                and pinned <= set(slots) and set(range(start, n)) <= set(slots)
+                and caps[0] >= nb and caps[1] >= k_bytes and caps[2] >= v_bytes and caps[3] >= len(slots)):
+            raise ValueError("KVStore.from_state_dict: the bookkeeping (block widths, byte counts, "
+                             "slots, capacities) is inconsistent")
+        store._ensure_blocks(caps[0], caps[1], caps[2], exact=True)
+        store._ensure_slots(caps[3], exact=True)
+        views = store._used_views(nb, k_bytes, v_bytes, len(slots))
+        if set(tensors) != set(views):
+            raise ValueError(f"KVStore.from_state_dict: expected tensors {sorted(views)}, got {sorted(tensors)}")
+        for name, view in views.items():
+            t = tensors[name]
+            if t.shape != view.shape or t.dtype != view.dtype:
+                raise ValueError(f"KVStore.from_state_dict: {name} must be {view.dtype} "
+                                 f"{list(view.shape)}, got {t.dtype} {list(t.shape)}")
+            view.copy_(t)
+        store._block_bits, store._k_bytes, store._v_bytes = bits, k_bytes, v_bytes
+        store._slots, store._pinned, store._n_tokens, store._fixed = slots, pinned, n, fixed
+        store._q_offset, store._horizon, store._lead_pad = q_off, horizon, lead_pad
+        return store

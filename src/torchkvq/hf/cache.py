@@ -10,6 +10,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 
 from ..policies import Policy
 from ..store import KVStore
+from . import persist
 
 #: Name under which torchkvq's attention function is registered with transformers.
 ATTN_IMPLEMENTATION = "kvq"
@@ -46,10 +47,27 @@ class KVQLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert self.store is not None
-        self.store.append(key_states, value_states)
+        """Append the new tokens; on any error the layer is left exactly as it was."""
+        if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
+            raise ValueError(f"KVQCache: keys must be a [batch, kv_heads, tokens, head_dim] tensor, "
+                             f"got {list(key_states.shape) if isinstance(key_states, torch.Tensor) else type(key_states).__name__}")
+        store = self.store
+        if store is None:
+            # Built aside and kept only once the append succeeded: a failed first update leaves
+            # the layer uninitialized.
+            B, H, _, D = key_states.shape
+            store = self.policy.make_store(B, H, D, key_states.dtype, key_states.device)
+        elif (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (
+                store.batch_size, store.kv_heads, store.head_dim):
+            raise ValueError(
+                f"KVQCache: this layer holds batch {store.batch_size}, {store.kv_heads} kv heads of "
+                f"dim {store.head_dim}, but got keys {list(key_states.shape)}; a cache serves one "
+                "batch of one model: build a new KVQCache for this batch or model"
+            )
+        store.append(key_states, value_states)
+        if self.store is None:
+            self.dtype, self.device, self.store = key_states.dtype, key_states.device, store
+            self.is_initialized = True
         key_states._kvq_layer = self  # how the attention function finds this layer's store
         PENDING.layer = self
         return key_states, value_states
@@ -116,10 +134,43 @@ class KVQCache(Cache):
                 "sliding-window layers are"
             )
         self.policy = policy
+        #: What the cached keys depend on in the model config (checked by :meth:`load`).
+        self.model_fingerprint = persist.model_fingerprint(config)
         super().__init__(layers=[
             KVQLayer(policy, kw.get("sliding_window") if t == "sliding_attention" else None)
             for t, kw in zip(layer_types, layer_kwargs)
         ])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"KVQCache: the model updates layer {layer_idx} but this cache was built for a "
+                f"config with {len(self.layers)} layers; build the cache from this model's config"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def save(self, path) -> None:
+        """Write this cache to `path` (a safetensors file) for :meth:`load`, e.g. to reuse a
+        compressed prompt (prefix caching). See :mod:`torchkvq.hf.persist` for the format."""
+        persist.save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, config, policy: Policy | None = None, device=None) -> "KVQCache":
+        """Read a cache written by :meth:`save`, to continue generating where it stopped.
+
+        Args:
+            path: the file.
+            config: the config of the model that will use the cache; it must be the model the
+                cache was filled by (same architecture, layers, heads, RoPE, dtype) and use
+                torchkvq's attention (:func:`torchkvq.hf.enable`).
+            policy: None to rebuild the file's policy, or a policy that must equal it.
+            device: where the stores go (default: CPU).
+
+        Raises:
+            ValueError: a truncated or corrupted file (checksum), another format version,
+                another model, or another policy; the message says which.
+        """
+        return persist.load_cache(cls, path, config, policy=policy, device=device)
 
     @property
     def stores(self) -> list[KVStore]:

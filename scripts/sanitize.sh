@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build a sanitized copy of torchkvq (ASan + UBSan by default) outside the source tree and run
+# the fuzz tests (tests/test_fuzz.py) against it. The in-place extension is left alone.
+#
+#   bash scripts/sanitize.sh                 # build + run; extra args go to pytest
+#   HYPOTHESIS_PROFILE=thorough bash scripts/sanitize.sh
+#
+# Knobs: PYTHON (default python3), BUILD (default ${TMPDIR:-/tmp}/torchkvq-sanitize),
+# TORCHKVQ_SANITIZE (default address,undefined), MAX_JOBS. The run fails on the first sanitizer
+# report (ASan errors are fatal; UBSAN_OPTIONS=halt_on_error=1 makes UBSan's fatal too), and the
+# log is also scanned for reports. Leak detection is off: the Python interpreter itself does
+# not free everything at exit, which is not ours to fix.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+python=${PYTHON:-python3}
+build=${BUILD:-${TMPDIR:-/tmp}/torchkvq-sanitize}
+sanitize=${TORCHKVQ_SANITIZE:-address,undefined}
+mkdir -p "$build"
+
+echo "=== build (TORCHKVQ_SANITIZE=$sanitize) into $build/lib"
+TORCHKVQ_SANITIZE=$sanitize TORCHKVQ_CUDA=0 "$python" setup.py -q build \
+  --build-base "$build/obj" --build-lib "$build/lib" >"$build/build.log" 2>&1 ||
+  { tail -n 40 "$build/build.log"; exit 1; }
+so=$(ls "$build"/lib/torchkvq/_C*.so)
+if [[ $sanitize == *address* ]]; then
+  # The interpreter is not instrumented, so the ASan runtime must be loaded first.
+  libasan=$("${CXX:-g++}" -print-file-name=libasan.so)
+  [[ -f $libasan ]] || { echo "libasan.so not found (looked at $libasan)"; exit 1; }
+  export LD_PRELOAD=$libasan
+fi
+ldd "$so" | grep -E "asan|ubsan" || true
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:print_summary=1:detect_stack_use_after_return=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:print_summary=1}
+export OMP_WAIT_POLICY=PASSIVE
+log="$build/fuzz.log"
+echo "=== tests/test_fuzz.py under the sanitizers (log: $log)"
+set +e
+PYTHONPATH="$build/lib:$root/tests" "$python" -c "import torchkvq, sys; assert torchkvq.__file__.startswith('$build'), torchkvq.__file__; print('torchkvq from', torchkvq.__file__)" &&
+  PYTHONPATH="$build/lib" "$python" -m pytest -p no:cacheprovider tests/test_fuzz.py "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
+  echo "=== sanitizer reports found in $log"
+  exit 1
+fi
+echo "=== pytest exit status $rc; no sanitizer report"
+exit "$rc"

@@ -1,0 +1,187 @@
+"""Soak test: generate thousands of tokens with each policy on the real model and watch memory.
+
+For every policy: prefill a Wikipedia prompt into a KVQCache of the bundled SmolLM2-135M, then
+decode greedily one token at a time (``--tokens`` steps, default 8192). Every ``--every``
+tokens it checks and records:
+
+* **finite output**: every step's logits are finite (checked at every step);
+* **bytes as predicted**: the bytes in use, recomputed here from each store's public state
+  (blocks x their widths, scales and zero points, outliers, full-precision tokens, bookkeeping;
+  the formulas of docs/store.md) equal the store's own accounting; the bytes allocated (every
+  tensor the stores hold, walked through ``vars()``) equal ``cache.nbytes()`` and stay below
+  1.25 x in use plus the full-precision slack the store keeps; the bytes added per quantized
+  token over the run are reported (docs/reliability.md compares them with the formula);
+* **no leak**: the process RSS minus the bytes the cache holds stays flat after warm-up (its
+  least-squares slope in bytes per token), and so does the number of Python objects the garbage
+  collector tracks (a policy's bookkeeping adds a few per block).
+
+Exits non-zero when a check fails. ``--json PATH`` writes every figure and the environment.
+
+    PYTHONPATH=src python scripts/soak.py --policies kivi-2 --tokens 8192 --json soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from torchkvq.eval import corpus, model as eval_model
+from torchkvq.hf import enable
+from torchkvq.policies import REGISTRY, get_policy
+from torchkvq.store import KVStore
+
+LEAK_BYTES_PER_TOKEN = 256  # RSS beyond the cache's own growth; the cache grows ~4 KB/token
+GROWTH = 1.25
+
+
+def esize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def predicted_in_use(s: KVStore) -> int:
+    """Bytes in use by the formulas of docs/store.md, from the store's public state only."""
+    B, H, D, G, vg = s.batch_size, s.kv_heads, s.head_dim, s.group_size, s.value_group_size
+    blocks = s.block_bits
+    q, f = len(blocks) * G, len(s.fp_positions)
+    sb, eb = esize(s.scale_dtype), esize(s.dtype)
+    codes = B * H * sum(G * D * (kb + vb) // 8 for kb, vb in blocks)
+    scales = 2 * sb * B * H * (len(blocks) * D + q * (D // vg))  # key: per block+channel; value: per token+group
+    outliers = B * H * q * (s.key_outliers.count + s.value_outliers.count) * (2 + eb)  # int16 index + value
+    fp = 2 * B * H * f * D * eb
+    bookkeeping = 2 * 4 * len(blocks) + B * q + 8 * B * f  # int32 widths, bool exclusion, int64 positions
+    return codes + scales + outliers + fp + bookkeeping
+
+
+def allocated(s: KVStore) -> int:
+    """Every tensor the store holds, found without the store's own list."""
+    return sum(t.numel() * t.element_size() for t in vars(s).values() if isinstance(t, torch.Tensor))
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (0 with fewer than two points)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+
+
+def soak(m, prompt: torch.Tensor, name: str, tokens: int, every: int, warmup: int,
+         on_check=lambda rows: None) -> dict:
+    policy = get_policy(name)
+    cache = enable(m, policy)
+    proc = psutil.Process()
+    rows, failures = [], []
+    fp16_per_token = None
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            logits = m(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            for step in tqdm(range(1, tokens + 1), desc=name, unit="tok", mininterval=5):
+                logits = m(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                if not bool(logits.isfinite().all()):
+                    failures.append(f"non-finite logits at step {step}")
+                    break
+                token = logits.argmax(-1, keepdim=True)
+                if step % every and step != tokens:
+                    continue
+                stores = cache.stores
+                in_use = sum(predicted_in_use(s) for s in stores)
+                br = cache.nbytes_breakdown()
+                alloc = sum(allocated(s) for s in stores)
+                row = {
+                    "step": step, "tokens": stores[0].n_tokens, "nbytes": cache.nbytes(),
+                    "allocated": alloc, "in_use": in_use, "store_in_use": cache.nbytes() - br["reserved"],
+                    "quantized_tokens": stores[0].n_quantized, "fp_tokens": len(stores[0].fp_positions),
+                    "rss": proc.memory_info().rss, "gc_objects": len(gc.get_objects()),
+                    "seconds": time.perf_counter() - t0,
+                }
+                fp16_per_token = cache.fp16_nbytes() / row["tokens"]
+                rows.append(row)
+                on_check(rows)
+                if row["in_use"] != row["store_in_use"]:
+                    failures.append(f"step {step}: in use {in_use} by the formulas, {row['store_in_use']} by the store")
+                if alloc != row["nbytes"]:
+                    failures.append(f"step {step}: tensors hold {alloc} bytes, nbytes() says {row['nbytes']}")
+                # capacity: at most one growth step beyond what is in use (plus the fp slack the
+                # store keeps, bounded by twice the slots in use plus 64 per layer)
+                slack = sum(2 * s.batch_size * s.kv_heads * s.head_dim * esize(s.dtype) * (len(s.fp_positions) + 64)
+                            for s in stores)
+                if alloc > GROWTH * in_use + slack:
+                    failures.append(f"step {step}: {alloc} bytes allocated for {in_use} in use")
+    finally:
+        m.set_attn_implementation("sdpa")
+    res = {"policy": name, "tokens": tokens, "prompt": prompt.shape[1], "rows": rows, "failures": failures,
+           "seconds": time.perf_counter() - t0}
+    late = [r for r in rows if r["step"] >= warmup]
+    if len(late) >= 2:
+        xs = [r["tokens"] for r in late]
+        res["leak_bytes_per_token"] = slope(xs, [r["rss"] - r["allocated"] for r in late])
+        res["gc_objects_per_token"] = slope(xs, [r["gc_objects"] for r in late])
+        res["rss_bytes_per_token"] = slope(xs, [r["rss"] for r in late])
+        first, last = late[0], late[-1]
+        dq = last["quantized_tokens"] - first["quantized_tokens"]
+        s0 = cache.stores[0]
+        fp_bytes = 2 * s0.batch_size * s0.kv_heads * s0.head_dim * esize(s0.dtype) * len(cache.stores)
+        # bytes per quantized token, taking out the change in full-precision tokens
+        d_fp = (last["fp_tokens"] - first["fp_tokens"]) * (fp_bytes + 8 * s0.batch_size * len(cache.stores))
+        res["bytes_per_quantized_token"] = (last["in_use"] - first["in_use"] - d_fp) / dq if dq else math.nan
+        res["fp16_bytes_per_token"] = fp16_per_token
+        if res["leak_bytes_per_token"] > LEAK_BYTES_PER_TOKEN:
+            failures.append(f"RSS beyond the cache grows {res['leak_bytes_per_token']:.0f} bytes/token after warm-up")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policies", nargs="+", default=sorted(REGISTRY), choices=sorted(REGISTRY))
+    ap.add_argument("--tokens", type=int, default=8192, help="decode steps per policy")
+    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens (Wikipedia)")
+    ap.add_argument("--every", type=int, default=256, help="tokens between checks")
+    ap.add_argument("--warmup", type=int, default=1024, help="tokens before the leak slopes are measured")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--json", help="write every figure here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m, tok = eval_model.load_model(progress=False)
+    prompt = corpus.token_sequences(tok, corpus.wiki_corpus_text(), 1, args.prompt)
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "processor": platform.processor(), "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+    results = []
+
+    def save(partial=None):
+        if args.json:  # at every check, so a long run that is stopped keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "results": results + ([partial] if partial else [])}, f, indent=1)
+
+    for name in args.policies:
+        r = soak(m, prompt, name, args.tokens, args.every, args.warmup,
+                 on_check=lambda rows, name=name: save({"policy": name, "partial": True, "rows": rows}))
+        results.append(r)
+        end = r["rows"][-1] if r["rows"] else {}
+        print(f"{name}: {r['tokens']} tokens in {r['seconds']:.0f} s; cache {end.get('nbytes', 0) / 2**20:.1f} MiB "
+              f"({end.get('nbytes', 0) / max(1, end.get('tokens', 1)):.0f} B/token allocated, fp16 "
+              f"{r.get('fp16_bytes_per_token', float('nan')):.0f}); "
+              f"{r.get('bytes_per_quantized_token', float('nan')):.1f} B per quantized token; "
+              f"RSS {end.get('rss', 0) / 2**20:.0f} MiB; RSS beyond cache "
+              f"{r.get('leak_bytes_per_token', float('nan')):+.1f} B/token; Python objects "
+              f"{r.get('gc_objects_per_token', float('nan')):+.3f}/token; "
+              f"{'OK' if not r['failures'] else 'FAILED: ' + '; '.join(r['failures'][:3])}", flush=True)
+        save()
+    return 1 if any(r["failures"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
