@@ -31,6 +31,9 @@ TORCH_LIBRARY(kvq, m) {
       " Tensor? v_outlier_index, Tensor? v_outlier_value, int group_size, int v_group_size,"
       " float scale, bool causal, bool return_stats) -> (Tensor out, Tensor lse, Tensor stats)");
   m.def(
+      "remat_kv(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, Tensor weight,"
+      " Tensor? bias, Tensor? cos, Tensor? sin, int rope_dim) -> Tensor");
+  m.def(
       "write_tokens(Tensor(a!) k_fp, Tensor(b!) v_fp, Tensor(c!) fp_pos, Tensor key, Tensor value,"
       " Tensor slots, Tensor positions) -> ()");
 }
