@@ -96,7 +96,7 @@ def test_nothing_quantized_equals_fp(tiny):
     "make",
     [lambda b: XQuant(bits=b, group_size=32, residual=8, block=8, mode="x", **FP32),
      lambda b: XQuant(bits=b, group_size=16, residual=8, block=8, mode="latent", **FP32),
-     lambda b: XQuantCL(bits=b, group_size=32, residual=8, block=8, **FP32)],
+     lambda b: XQuantCL(bits=b, group_size=32, residual=8, block=8, first_layers=0, **FP32)],
     ids=["x", "latent", "cl"],
 )
 def test_errors_shrink_with_bits_and_absorption_matches(tiny, make):
@@ -152,10 +152,12 @@ def test_cl_accumulator_identical_on_write_and_read(tiny, monkeypatch):
 
     monkeypatch.setattr(XStore, "quantize_oldest", quantize_oldest)
     monkeypatch.setattr(RematStore, "attend", attend)
-    cache = enable(m, XQuantCL(bits=3, group_size=32, residual=8, block=8))
+    cache = enable(m, XQuantCL(bits=3, group_size=32, residual=8, block=8, first_layers=1, first_bits=5))
     chunked_logits(m, ids, cache)
     stores = cache.stores
-    deltas = [torchkvq.ops.dequantize(*s.stores[0].quantized(), 3, 32, -1, torch.float32) for s in stores]
+    assert [s.stores[0].bits for s in stores] == [5, 3]
+    deltas = [torchkvq.ops.dequantize(*s.stores[0].quantized(), s.stores[0].bits, 32, -1, torch.float32)
+              for s in stores]
     rebuilt = [torch.zeros_like(deltas[0])]
     for d in deltas:
         rebuilt.append(rebuilt[-1] + d)  # rebuilt[l + 1] = accumulator after layer l
@@ -192,7 +194,7 @@ def _tensors(cache: XQuantCache) -> int:
 
 
 @pytest.mark.parametrize("policy", [XQuant(bits=3, group_size=16, residual=8, block=8, mode="latent"),
-                                    XQuantCL(bits=2, group_size=32, residual=8, block=8)],
+                                    XQuantCL(bits=2, group_size=32, residual=8, block=8, first_layers=0)],
                          ids=["latent-3", "cl-2"])
 def test_nbytes_consistent(tiny, policy):
     m, ids, _ = tiny

@@ -30,7 +30,7 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "xquant-2": lambda: XQuant(bits=2),
     "xquant-3": lambda: XQuant(bits=3),
     "xquant-4": lambda: XQuant(bits=4),
-    # XQuant-CL: deltas of the residual stream, 32-token window
+    # XQuant-CL: deltas of the residual stream, the first 2 layers at 4 bits, 32-token window
     "xquant-cl-2": lambda: XQuantCL(bits=2),
     "xquant-cl-3": lambda: XQuantCL(bits=3),
     "xquant-cl-4": lambda: XQuantCL(bits=4),
