@@ -32,6 +32,9 @@ TORCH_LIBRARY(kvq, m) {
       " float scale, bool causal, bool return_stats, int q_offset=0, int? window=None,"
       " float? softcap=None) -> (Tensor out, Tensor lse, Tensor stats)");
   m.def(
+      "remat_kv(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, Tensor weight,"
+      " Tensor? bias, Tensor? cos, Tensor? sin, int rope_dim) -> Tensor");
+  m.def(
       "write_tokens(Tensor(a!) k_fp, Tensor(b!) v_fp, Tensor(c!) fp_pos, Tensor key, Tensor value,"
       " Tensor slots, Tensor positions) -> ()");
 }

@@ -409,3 +409,65 @@ def check_write_tokens(
         fp_pos.dtype == torch.int64 and list(fp_pos.shape) == [B, F],
         lambda: f"{op}: fp_pos must be int64 [{B}, {F}], got {_dt(fp_pos.dtype)} {list(fp_pos.shape)}",
     )
+
+
+def check_remat_kv(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    rope_dim: int,
+) -> tuple[int, int, int, int]:
+    """Validate kvq::remat_kv; returns (batch N, tokens T, output channels, rotary head_dim)."""
+    op = "kvq::remat_kv"
+    torch._check(
+        codes.dim() == 3,
+        lambda: f"{op}: codes must be [batch, tokens, packed channels] (rank 3), got rank {codes.dim()}",
+    )
+    _check_float(op, "weight", weight)
+    _check_device(op, codes, scale=scale, zero=zero, weight=weight, bias=bias, cos=cos, sin=sin)
+    _, d = check_dequantize(codes, scale, zero, bits, group_size, -1, weight.dtype)
+    N, T = codes.shape[0], codes.shape[1]
+    torch._check(
+        weight.dim() == 2 and weight.shape[1] == d,
+        lambda: f"{op}: weight must be [out_features, {d}] (nn.Linear layout; in_features = the "
+        f"packed operand's {d} channels), got {list(weight.shape)}",
+    )
+    n_out = weight.shape[0]
+    if bias is not None:
+        torch._check(
+            bias.dtype == weight.dtype,
+            lambda: f"{op}: bias must have weight's dtype {_dt(weight.dtype)}, got {_dt(bias.dtype)}",
+        )
+        _check_shape(op, "bias", bias, [n_out], "one per output channel")
+    torch._check(
+        (cos is None) == (sin is None), lambda: f"{op}: cos and sin must be given together"
+    )
+    hd = 0
+    if cos is None or sin is None:
+        torch._check(rope_dim == 0, lambda: f"{op}: rope_dim must be 0 without cos and sin, got {rope_dim}")
+        return N, T, n_out, hd
+    for name, t in (("cos", cos), ("sin", sin)):
+        torch._check(
+            t.dtype == weight.dtype,
+            lambda: f"{op}: {name} must have weight's dtype {_dt(weight.dtype)}, got {_dt(t.dtype)}",
+        )
+    torch._check(
+        cos.dim() == 3 and cos.shape[0] in (1, N) and cos.shape[1] == T and cos.shape[2] >= 2
+        and cos.shape[2] % 2 == 0,
+        lambda: f"{op}: cos must be [{N} or 1, {T}, head_dim] with an even head_dim (the rotary "
+        f"table at each token's position), got {list(cos.shape)}",
+    )
+    _check_shape(op, "sin", sin, list(cos.shape), "the shape of cos")
+    hd = cos.shape[2]
+    torch._check(
+        rope_dim > 0 and rope_dim % hd == 0 and rope_dim <= n_out,
+        lambda: f"{op}: rope_dim must be a positive multiple of head_dim {hd} and at most "
+        f"{n_out} output channels, got {rope_dim}",
+    )
+    return N, T, n_out, hd

@@ -14,6 +14,7 @@ from ._checks import (
     check_outlier_split,
     check_quant_attention,
     check_quantize,
+    check_remat_kv,
     check_write_tokens,
     with_axis,
 )
@@ -70,3 +71,10 @@ def _quant_attention_fake(query, k_codes, k_scale, k_zero, k_bits, v_codes, v_sc
 @torch.library.register_fake("kvq::write_tokens")
 def _write_tokens_fake(k_fp, v_fp, fp_pos, key, value, slots, positions):
     check_write_tokens(k_fp, v_fp, fp_pos, key, value, slots, positions)
+
+
+@torch.library.register_fake("kvq::remat_kv")
+def _remat_kv_fake(codes, scale, zero, bits, group_size, weight, bias, cos, sin, rope_dim):
+    N, T, n_out, _ = check_remat_kv(codes, scale, zero, bits, group_size, weight, bias, cos, sin,
+                                    rope_dim)
+    return weight.new_empty(N, T, n_out)

@@ -128,6 +128,50 @@ def dequant_matmul(
     )
 
 
+def remat_kv(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    rope_dim: int = 0,
+) -> torch.Tensor:
+    """XQuant's rematerialization: ``X_hat @ weight^T + bias`` from packed X, RoPE fused.
+
+    ``X_hat = dequantize(codes, scale, zero, bits, group_size, axis=-1)`` is dequantized a tile
+    of tokens at a time inside the kernel and never written to memory whole. One call serves
+    both XQuant layouts: the cached layer input X with ``weight = cat(W_k, W_v)`` (MHA; X is
+    unpacked once for keys and values), or a low-rank latent ``X·U`` with the SVD's ``Σ·Bᵀ``
+    folded into `weight` (GQA).
+
+    Args:
+        codes, scale, zero: :func:`quantize`'s output for ``x [N, T, d]`` quantized along
+            ``axis=-1`` (per-token groups of `group_size` channels), any width 1-8.
+        weight: float32/float16/bfloat16 ``[n_out, d]`` (``nn.Linear`` layout).
+        bias: ``[n_out]`` of weight's dtype, or None.
+        cos, sin: ``[N or 1, T, head_dim]`` of weight's dtype: the rotary tables at each token's
+            position (transformers' ``rotate_half`` convention), or None.
+        rope_dim: outputs ``[0, rope_dim)`` are heads of ``head_dim`` channels rotated after the
+            bias (the key part); 0 without cos/sin.
+
+    Returns:
+        ``[N, T, n_out]`` in weight's dtype, accumulated in float32.
+
+    Example:
+        >>> x = torch.randn(1, 100, 576)                          # [batch, tokens, hidden]
+        >>> codes, s, z = quantize(x, 4, 64, axis=-1)
+        >>> w = torch.randn(384, 576)                             # cat(W_k, W_v)
+        >>> remat_kv(codes, s, z, 4, 64, w).shape
+        torch.Size([1, 100, 384])
+    """
+    return torch.ops.kvq.remat_kv(codes, scale, zero, bits, group_size, weight, bias, cos, sin,
+                                  rope_dim)
+
+
 def quant_attention(
     query: torch.Tensor,
     k_codes: torch.Tensor,

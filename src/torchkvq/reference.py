@@ -14,6 +14,7 @@ from ._checks import (
     check_attention_frame,
     check_quant_attention,
     check_quantize,
+    check_remat_kv,
     check_write_tokens,
 )
 
@@ -294,3 +295,45 @@ def write_tokens(
     k_fp.index_copy_(2, slots, key.to(k_fp.dtype))
     v_fp.index_copy_(2, slots, value.to(v_fp.dtype))
     fp_pos.index_copy_(1, slots, positions)
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in transformers' rotate_half convention: ``x * cos + rotate_half(x) * sin`` per head.
+
+    ``x [N, T, heads, hd]``, ``cos``/``sin`` ``[N or 1, T, hd]`` (all float32)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+def remat_kv(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    rope_dim: int,
+) -> torch.Tensor:
+    """Reference of ``kvq::remat_kv``: ``X_hat @ weight^T + bias``, RoPE on the first `rope_dim`
+    outputs, all in float32, returned in `weight`'s dtype.
+
+    ``X_hat = dequantize(codes, scale, zero, bits, group_size, axis=-1)`` is ``[N, T, d]`` (per-token
+    groups). With `cos`/`sin` ``[N or 1, T, hd]``, outputs ``[0, rope_dim)`` are heads of ``hd``
+    channels rotated at each token's position (:func:`rotate_half_rope`), after the bias, as a
+    transformers attention layer does to its keys.
+    """
+    N, T, n_out, hd = check_remat_kv(codes, scale, zero, bits, group_size, weight, bias, cos, sin,
+                                     rope_dim)
+    x = dequantize(codes, scale, zero, bits, group_size, -1, torch.float32)
+    out = x @ weight.float().T
+    if bias is not None:
+        out = out + bias.float()
+    if rope_dim and cos is not None and sin is not None:
+        k = out[..., :rope_dim].reshape(N, T, rope_dim // hd, hd)
+        k = rotate_half_rope(k, cos.float(), sin.float())
+        out = torch.cat([k.reshape(N, T, rope_dim), out[..., rope_dim:]], dim=-1)
+    return out.to(weight.dtype)

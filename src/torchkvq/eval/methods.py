@@ -69,9 +69,9 @@ def _quantized_bytes(cache) -> int:
 
 def _policy_method(name: str) -> Method:
     def make(model):
-        from ..hf import KVQCache
+        from ..hf import new_cache
 
-        return KVQCache(model.config, REGISTRY[name]())
+        return new_cache(model, REGISTRY[name]())
 
     def nbytes(cache) -> int:
         return cache.nbytes()

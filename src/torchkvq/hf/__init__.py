@@ -14,18 +14,29 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..policies import Policy
+from ..policies.xquant import XQuant
 from .attention import kvq_attention_forward
 from .cache import ATTN_IMPLEMENTATION, KVQCache, KVQLayer
+from .xquant import XQuantCache, patch_model
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvq_attention_forward)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def enable(model, policy: Policy) -> KVQCache:
-    """Switch `model` to torchkvq's attention and return an empty :class:`KVQCache` for it.
+def new_cache(model, policy: Policy) -> KVQCache | XQuantCache:
+    """A fresh cache of `policy` for `model` (already switched by :func:`enable`): an
+    :class:`XQuantCache` for XQuant policies, else a :class:`KVQCache`."""
+    if isinstance(policy, XQuant):
+        return XQuantCache(model, policy)
+    return KVQCache(model.config, policy)
+
+
+def enable(model, policy: Policy) -> KVQCache | XQuantCache:
+    """Switch `model` to torchkvq's attention and return an empty cache for it.
 
     The model keeps working with ordinary caches (attention is then plain SDPA). Build a new
-    ``KVQCache(model.config, policy)`` for every new sequence batch.
+    cache (:func:`new_cache`) for every new sequence batch. XQuant policies get an
+    :class:`XQuantCache` (the model is patched to hand it the attention input).
     """
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -40,7 +51,7 @@ def enable(model, policy: Policy) -> KVQCache:
                 f"torchkvq.hf.enable: {type(model).__name__} has learned attention sinks (s_aux), "
                 "which torchkvq's attention does not support"
             )
-        cache = KVQCache(model.config, policy)
+        cache = new_cache(model, policy)
     except Exception:
         model.set_attn_implementation(previous)  # a refused model is left as it was
         raise
@@ -48,4 +59,5 @@ def enable(model, policy: Policy) -> KVQCache:
     return cache
 
 
-__all__ = ["enable", "KVQCache", "KVQLayer", "kvq_attention_forward", "ATTN_IMPLEMENTATION"]
+__all__ = ["enable", "new_cache", "KVQCache", "KVQLayer", "XQuantCache", "patch_model",
+           "kvq_attention_forward", "ATTN_IMPLEMENTATION"]

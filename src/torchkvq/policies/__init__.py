@@ -10,6 +10,7 @@ from .base import Policy
 from .kivi import KIVI
 from .logquant import LogQuant
 from .qaq import QAQ
+from .xquant import XQuant, XQuantCL
 
 #: Named configurations, as ``torchkvq eval`` and the benchmarks refer to them. Full-precision
 #: tokens are held in fp16 so that byte figures compare with an fp16 cache on equal terms.
@@ -25,6 +26,14 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     # the same budgets without outliers: lands at KIVI-2's bytes
     "qaq-no-outliers": lambda: QAQ(key_error=2.0, value_error=8.0, outlier_fraction=0.0,
                                    window_dtype=torch.float16),
+    # XQuant: the bundled GQA model caches SVD latents (rank = kv dim), per-token groups of 64
+    "xquant-2": lambda: XQuant(bits=2),
+    "xquant-3": lambda: XQuant(bits=3),
+    "xquant-4": lambda: XQuant(bits=4),
+    # XQuant-CL: deltas of the residual stream, the first 2 layers at 4 bits, 32-token window
+    "xquant-cl-2": lambda: XQuantCL(bits=2),
+    "xquant-cl-3": lambda: XQuantCL(bits=3),
+    "xquant-cl-4": lambda: XQuantCL(bits=4),
 }
 
 
@@ -36,4 +45,4 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Policy", "KIVI", "LogQuant", "QAQ", "REGISTRY", "get_policy"]
+__all__ = ["Policy", "KIVI", "LogQuant", "QAQ", "XQuant", "XQuantCL", "REGISTRY", "get_policy"]
