@@ -236,6 +236,15 @@ def test_misuse_raises():
     assert st.n_tokens == 4 and st.n_quantized == 0
 
 
+def test_sliding_window_models_refused():
+    m = tiny_model()
+    m.config.layer_types = ["sliding_attention"] + ["full_attention"] * (m.config.num_hidden_layers - 1)
+    m.config.sliding_window = 16
+    with pytest.raises(NotImplementedError, match="XQuant serves full-attention decoders only"):
+        enable(m, XQuant())
+    assert m.config._attn_implementation == "sdpa"  # a refused model is left as it was
+
+
 # ---------------------------------------------------------------------------------------------
 # the real model: SmolLM2-135M (GQA: latents; CL: residual deltas)
 # ---------------------------------------------------------------------------------------------

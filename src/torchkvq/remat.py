@@ -260,8 +260,14 @@ class RematStore:
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return out[..., : s.n_k], out[..., s.n_k :]
 
+    def evict(self, first_query: int) -> None:
+        """Nothing to drop: XQuant serves full-attention layers only (:class:`XQuantCache`
+        refuses sliding-window models). Here so that the attention function treats every store
+        alike."""
+
     def attend(self, query: torch.Tensor, scale: float | None = None, causal: bool = True,
-               return_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               return_stats: bool = False, softcap: float | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention of ``query [B, Hq, L, D]`` (the newest L tokens) over every token held.
 
         Returns ``(out [B, Hq, L, D], lse [B, Hq, L], stats)`` like
@@ -269,6 +275,8 @@ class RematStore:
         """
         if return_stats:
             raise NotImplementedError("RematStore.attend: XQuant keeps no attention statistics")
+        if softcap is not None:
+            raise NotImplementedError("RematStore.attend: XQuant does not support logit soft-capping")
         B, Hq, L, D = query.shape
         T, Q = self.n_tokens, self.n_quantized
         Hkv = self.weights.kv_heads

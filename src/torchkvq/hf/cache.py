@@ -56,7 +56,7 @@ class KVQLayer(CacheLayerMixin):
             # Built aside and kept only once the append succeeded: a failed first update leaves
             # the layer uninitialized.
             B, H, _, D = key_states.shape
-            store = self.policy.make_store(B, H, D, key_states.dtype, key_states.device)
+            store = self.policy.make_store(B, H, D, key_states.dtype, key_states.device, self.window)
         elif (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (
                 store.batch_size, store.kv_heads, store.head_dim):
             raise ValueError(

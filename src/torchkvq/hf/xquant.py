@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..policies.xquant import XQuant, XQuantCL
 from ..remat import Accumulator, LayerWeights, RematStore, TokenIndex
@@ -94,6 +94,7 @@ class XQuantLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    window = None  # full attention only: XQuantCache refuses sliding-window models
 
     def __init__(self, cache: "XQuantCache", index: int) -> None:
         super().__init__()
@@ -162,6 +163,12 @@ class XQuantCache(Cache):
                 "XQuantCache: the model does not use torchkvq's attention; call "
                 "torchkvq.hf.enable(model, policy) first (it returns a ready cache). "
                 f"attn_implementation is {getattr(text, '_attn_implementation', None)!r}"
+            )
+        layer_types, _ = get_layer_types_and_kwargs(text)
+        if set(layer_types) != {"full_attention"}:
+            raise NotImplementedError(
+                f"XQuantCache: layer types {sorted(set(layer_types) - {'full_attention'})} are not "
+                "supported; XQuant serves full-attention decoders only (use a KVQCache policy)"
             )
         layers = _decoder_layers(model)
         patch_model(model)
