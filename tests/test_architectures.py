@@ -18,9 +18,9 @@ error stays far below the model's logit margins):
 Sliding-window families (Mistral with a window, Qwen2 with ``use_sliding_window``, Gemma 2 and
 Gemma 3 mixing sliding and full layers) use a window of 80 tokens, shorter than the prompt, so
 their sliding layers really drop tokens and free blocks; Gemma 2 also soft-caps its scores.
-Families torchkvq does not support (models whose attention does not go through ``Cache.update``
-and transformers' attention interface, learned attention sinks) must fail with a clear error,
-never with silent garbage. ``docs/models.md`` lists what is covered.
+GPT-OSS adds learned attention sinks. Families torchkvq does not support (models whose attention
+does not go through ``Cache.update`` and transformers' attention interface, bidirectional
+attention) must fail with a clear error, never with silent garbage. ``docs/models.md`` lists what is covered.
 
 To add a policy: one line in :data:`POLICIES`. To add a family: one entry in :data:`FAMILIES`.
 """
@@ -77,6 +77,19 @@ def _key_bias(channels) -> Callable:
             for layer in model.model.layers:
                 attn = layer.self_attn
                 attn.k_proj.bias.view(-1, attn.head_dim)[:, channels] += 5.0
+
+    return setup
+
+
+def _sinks(value: float) -> Callable:
+    """A setup giving GPT-OSS's learned sinks weight: logits around `value` (random init leaves
+    them near 0, where they barely matter)."""
+
+    def setup(model) -> None:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                sinks = layer.self_attn.sinks
+                sinks.copy_(value + torch.linspace(-1, 1, sinks.numel()))
 
     return setup
 
@@ -139,6 +152,11 @@ FAMILIES = [
     # sliding + full layers, head_dim 256, MQA, logit soft-capping (a cap of 1 that bites on
     # these scores; Gemma 2 ships 50)
     Family("gemma2", "gemma2", dict(_GEMMA, attn_logit_softcapping=1.0), attn="eager"),
+    # sliding + full layers, learned attention sinks (s_aux, set around 3 so that they take a
+    # real share of the softmax), MoE, biases; no SDPA path in transformers (sinks)
+    Family("gpt_oss", "gpt_oss", dict(_SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      intermediate_size=64, num_local_experts=2, num_experts_per_tok=1,
+                                      sliding_window=WINDOW), setup=_sinks(3.0), attn="eager"),
     # sliding + full layers, QK-norm, head_dim 256, MQA
     Family("gemma3", "gemma3_text", dict(_GEMMA, layer_types=["sliding_attention", "full_attention"])),
     # q/k/v biases (Qwen2 always has them)
@@ -474,9 +492,6 @@ _TINY = dict(COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_key_value_heads=2, head_dim=16)
 
 UNSUPPORTED = [
-    # learned attention sinks (s_aux): a per-head extra softmax term torchkvq's attention lacks
-    pytest.param("gpt_oss", dict(_TINY, intermediate_size=64, num_local_experts=2, num_experts_per_tok=1),
-                 NotImplementedError, "learned attention sinks", id="gpt_oss"),
     # bidirectional attention: not a causal decoder
     pytest.param("gemma3_text", dict(_TINY, sliding_window=16, use_bidirectional_attention=True),
                  NotImplementedError, "bidirectional attention", id="gemma3-bidirectional"),
@@ -529,8 +544,7 @@ def test_jetmoe_is_exact_or_raises():
 
 
 def test_refused_enable_leaves_model_unchanged():
-    model = _build_plain("gpt_oss", dict(_TINY, intermediate_size=64, num_local_experts=2,
-                                         num_experts_per_tok=1, sliding_window=8))
+    model = _build_plain("gemma3_text", dict(_TINY, sliding_window=8, use_bidirectional_attention=True))
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         before = model(ids).logits
