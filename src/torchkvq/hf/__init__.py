@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -45,11 +44,6 @@ def enable(model, policy: Policy) -> KVQCache | XQuantCache:
             raise ValueError(
                 f"torchkvq.hf.enable: {type(model).__name__} does not use transformers' attention "
                 "interface (it kept its own attention), so KVQCache cannot serve it"
-            )
-        if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
-            raise NotImplementedError(
-                f"torchkvq.hf.enable: {type(model).__name__} has learned attention sinks (s_aux), "
-                "which torchkvq's attention does not support"
             )
         cache = new_cache(model, policy)
     except Exception:

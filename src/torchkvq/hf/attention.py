@@ -30,7 +30,8 @@ def kvq_attention_forward(
     sliding window and soft-capping as the layer asks) after the policy has quantized: the
     history is never dequantized into a full-precision tensor. A sliding-window layer's store
     then drops what the next query cannot see, so between steps it holds what transformers'
-    sliding-window cache holds. Without a KVQCache (e.g. a plain DynamicCache), `key`/`value`
+    sliding-window cache holds. Learned sinks (``s_aux``) rescale the output by the kernel's
+    log-sum-exp (the attention statistics a policy sees leave the sink out). Without a KVQCache (e.g. a plain DynamicCache), `key`/`value`
     hold the whole history in full precision and this is SDPA.
     """
     layer = getattr(key, "_kvq_layer", None)
@@ -41,15 +42,12 @@ def kvq_attention_forward(
             "Cache.update and attention (e.g. repeats them), so it cannot read a compressed "
             "store; this model is not supported by KVQCache"
         )
-    if layer is None and kwargs.get("softcap") is not None:
-        return _softcapped_attention(query, key, value, attention_mask, dropout, scaling,
-                                     kwargs["softcap"], kwargs.get("sliding_window"))
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if layer is None and (softcap is not None or sinks is not None):
+        return _eager_attention(query, key, value, attention_mask, dropout, scaling, softcap, window, sinks)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("torchkvq attention: learned attention sinks (s_aux) are not supported")
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if window != layer.window:
         raise ValueError(
             f"torchkvq attention: {type(module).__name__} attends with sliding_window={window} but "
@@ -69,12 +67,13 @@ def kvq_attention_forward(
             store.mark_padding(valid)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if first:
-        if softcap is None:
+        if softcap is None and sinks is None:
             # Exact attention over the prompt's own full-precision keys and values, as KIVI does.
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                             scaling=scaling, **kwargs)
-        else:  # nothing is quantized yet: the same exact attention, soft-capped
-            out = store.attend(query, scale=scale, causal=True, softcap=softcap)[0].transpose(1, 2)
+        else:  # nothing is quantized yet: the same exact attention, soft-capped / with sinks
+            out, lse, _ = store.attend(query, scale=scale, causal=True, softcap=softcap)
+            out = _with_sinks(out, lse, sinks).transpose(1, 2)
         stats_queries = policy.prefill_stats_queries if policy.wants_stats else 0
         # Only the last few prompt queries (statistics) and later ones read the store from now
         # on: a sliding-window store drops the rest before the policy quantizes anything.
@@ -88,27 +87,39 @@ def kvq_attention_forward(
         store.evict(store.n_tokens)
         return out.contiguous(), None
     policy.after_append(store, layer.state)
-    out, _, stats = store.attend(query, scale=scale, causal=True, return_stats=policy.wants_stats,
-                                 softcap=softcap)
+    out, lse, stats = store.attend(query, scale=scale, causal=True, return_stats=policy.wants_stats,
+                                   softcap=softcap)
+    out = _with_sinks(out, lse, sinks)
     if policy.wants_stats:
         policy.observe(store, layer.state, stats, query * scale)
     store.evict(store.n_tokens)  # a sliding-window store keeps what the next query sees
     return out.transpose(1, 2).contiguous(), None
 
 
-def _softcapped_attention(query, key, value, attention_mask, dropout, scaling, softcap, window):
-    """Attention with logit soft-capping over full-precision keys (SDPA has no soft-capping):
-    scores ``c * tanh(s / c)``, then the mask. `attention_mask` is what ``sdpa_mask`` built
-    (bool, True = attend) or None where it left causality to SDPA: the queries are then the
-    last L of the T keys, each seeing its own position and, with a `window`, the W - 1 before.
-    Returns ``([B, L, Hq, D], None)``."""
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Learned attention sinks (GPT-OSS's ``s_aux``, one logit per query head) join the softmax
+    without a value: the output shrinks by ``sum(exp(s)) / (sum(exp(s)) + exp(sink))``, i.e.
+    ``sigmoid(lse - sink)``. `out` ``[B, Hq, L, D]``, `lse` ``[B, Hq, L]``."""
+    if sinks is None:
+        return out
+    keep = torch.sigmoid(lse - sinks.float()[None, :, None])  # lse = -inf (sees nothing): 0
+    return (out.float() * keep[..., None]).to(out.dtype)
+
+
+def _eager_attention(query, key, value, attention_mask, dropout, scaling, softcap, window, sinks):
+    """Attention over full-precision keys with what SDPA lacks: logit soft-capping (scores
+    ``c * tanh(s / c)``, then the mask) and learned sinks (an extra logit per head in the
+    softmax). `attention_mask` is what ``sdpa_mask`` built (bool, True = attend) or None where
+    it left causality to SDPA: the queries are then the last L of the T keys, each seeing its
+    own position and, with a `window`, the W - 1 before. Returns ``([B, L, Hq, D], None)``."""
     if dropout:
         raise ValueError("torchkvq attention is for inference: dropout must be 0 (call model.eval())")
     rep = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     s = torch.matmul(query, key.transpose(2, 3)).float() * scale
-    s = softcap * torch.tanh(s / softcap)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     L, T = query.shape[2], key.shape[2]
     if attention_mask is None:
         qpos = torch.arange(T - L, T, device=query.device)[:, None]
@@ -119,5 +130,7 @@ def _softcapped_attention(query, key, value, attention_mask, dropout, scaling, s
         attention_mask = None
     if attention_mask is not None:
         s = s.masked_fill(~attention_mask[..., :T], float("-inf"))
-    p = s.softmax(-1).nan_to_num(0.0).to(value.dtype)  # a fully masked (padding) row gives 0
+    if sinks is not None:
+        s = torch.cat([s, sinks.float()[None, :, None, None].expand(*s.shape[:3], 1)], dim=-1)
+    p = s.softmax(-1).nan_to_num(0.0)[..., :T].to(value.dtype)  # a fully masked row gives 0
     return torch.matmul(p, value).transpose(1, 2).contiguous(), None
