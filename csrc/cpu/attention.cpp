@@ -2,11 +2,13 @@
 //
 // Work is split over (batch, kv head, token range). Each work item walks its tiles - a quantized
 // block of G tokens or a chunk of full-precision slots - and for each tile:
-//   1. brings the tile's keys and values into small float32 buffers that stay in L1
-//      (dequantized from the packed codes, plus sparse outlier corrections), never the history;
-//   2. scores every query row of the kv head's group against the tile (GQA: the g query heads
-//      and L queries of one kv head share each dequantized tile);
-//   3. folds the tile into a running (max, sum, accumulator) per row - the online softmax.
+//   1. unpacks the tile's key codes into a small float32 buffer that stays in L1 (never the
+//      history) and scores every query row of the kv head's group against all its tokens at
+//      once (GQA: the g query heads and L queries of one kv head share each tile). The codes are
+//      never dequantized: the block's per-channel key scale is folded into the query;
+//   2. folds the tile into a running (max, sum, accumulator) per row - the online softmax;
+//   3. accumulates probabilities times value codes, the per-token value scale folded into the
+//      probability and the zeros summed once per row and channel group.
 // Partial results of the token ranges of one (batch, kv head) are merged by log-sum-exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

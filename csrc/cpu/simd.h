@@ -20,6 +20,10 @@
 
 #define KVQ_INLINE inline __attribute__((always_inline))
 
+// Helpers taking or returning these vectors are always inlined (here and in the files that
+// include this one), so the ABI of passing 32-byte vectors (-Wpsabi) never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace kvq::cpu::vec {
 
 typedef float f8 __attribute__((vector_size(32)));
