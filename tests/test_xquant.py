@@ -321,3 +321,14 @@ def test_left_padding_row_matches_running_alone(policy):
             alone = m.generate(ids, max_new_tokens=16, do_sample=False,
                                past_key_values=enable(m, policy), pad_token_id=PAD)
             assert torch.equal(out[row, batch.shape[1]:], alone[0, ids.shape[1]:])
+
+
+def test_reset_cache_starts_a_new_sequence(tiny):
+    m, ids, ref = tiny
+    cache = enable(m, XQuantCL(bits=8, group_size=32, residual=8, block=8, **FP32))
+    chunked_logits(m, random_ids(1, 50, seed=9), cache, [30, 1, 19])
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.tokens is None
+    again = chunked_logits(m, ids, cache)
+    fresh = chunked_logits(m, ids, enable(m, XQuantCL(bits=8, group_size=32, residual=8, block=8, **FP32)))
+    assert torch.equal(again, fresh)
