@@ -16,7 +16,8 @@ CPU's caches between layers). Variants, timed in the same run, interleaved round
   RoPE inside ``kvq.remat_kv`` vs a plain ``remat_kv`` followed by transformers-style
   ``x·cos + rotate_half(x)·sin`` (the issue's "fused or right after - measure").
 
-Reported per T: median wall time of the step over all layers, the ratio to ``sdpa_fp32``, and
+Reported per T: median wall time and process CPU time (all threads; less sensitive to other
+processes on a shared machine) of the step over all layers, their ratios to ``sdpa_fp32``, and
 the bytes each variant's cache holds per layer (what the step must read).
 
     python bench/remat.py [--tokens 1024,4096,16384] [--layers 30] [--repeats 3] [--json PATH]
@@ -123,12 +124,14 @@ def main() -> int:
             "remat_k_rope_after": lambda L: remat_keys(L[6], True),
         }
         times: dict[str, list[float]] = {n: [] for n in variants}
+        cpu: dict[str, list[float]] = {n: [] for n in variants}
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped
             for name, fn in variants.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 for L in layers:
                     fn(L)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         L0 = layers[0]
         held = {
             "sdpa_fp32": 2 * L0[1].numel() * 4,
@@ -139,18 +142,21 @@ def main() -> int:
             "remat_k_rope_after": L0[4].stores[0].nbytes(),
         }
         base = statistics.median(times["sdpa_fp32"][1:])
+        base_cpu = statistics.median(cpu["sdpa_fp32"][1:])
         for name, ts in times.items():
-            med = statistics.median(ts[1:])
+            med, med_cpu = statistics.median(ts[1:]), statistics.median(cpu[name][1:])
             results.append({"tokens": T, "variant": name, "median_s": med, "vs_sdpa": med / base,
+                            "cpu_s": med_cpu, "cpu_vs_sdpa": med_cpu / base_cpu,
                             "bytes_per_layer": held[name], "layers": args.layers})
         del layers
     print(f"decode step over {args.layers} layers, SmolLM2-135M shape (hidden {HIDDEN}, {HQ} q / "
           f"{HKV} kv heads, head_dim {D}), median of {args.repeats}")
-    print("| T | variant | step ms | × sdpa_fp32 time | cache bytes / layer |")
-    print("|---|---|---|---|---|")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("| T | variant | step ms (wall) | × sdpa_fp32 | CPU ms | × sdpa_fp32 (CPU) | cache bytes / layer |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['tokens']} | {r['variant']} | {1e3 * r['median_s']:.1f} | {r['vs_sdpa']:.2f} | "
-              f"{r['bytes_per_layer']:,} |")
+              f"{1e3 * r['cpu_s']:.1f} | {r['cpu_vs_sdpa']:.2f} | {r['bytes_per_layer']:,} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_info(), "command": "python bench/remat.py " + " ".join(sys.argv[1:]),

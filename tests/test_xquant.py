@@ -307,3 +307,37 @@ def test_real_model_generation(smol, name):
           f"bytes {cache.nbytes():,} vs fp16 {cache.fp16_nbytes():,}\n{tok.decode(gen)!r}")
     assert longest <= 8 and float(nll.exp()) < 8.0
     assert agree >= 0.85 and float(kl) < 0.1
+
+
+@pytest.mark.parametrize("policy", [XQuant(bits=8, group_size=32, residual=8, block=8),
+                                    XQuantCL(bits=8, group_size=32, residual=8, block=8)],
+                         ids=["xquant-8", "xquant-cl-8"])
+def test_left_padding_row_matches_running_alone(policy):
+    """Padding is skipped by attention and quantization is per token, so a left-padded row
+    generates what it generates alone."""
+    from tiny_models import PAD
+
+    a, b = random_ids(1, 30, seed=2), random_ids(1, 42, seed=3)
+    npad = b.shape[1] - a.shape[1]
+    batch = torch.cat([torch.cat([torch.full((1, npad), PAD), a], 1), b], 0)
+    mask = torch.ones_like(batch)
+    mask[0, :npad] = 0
+    m = tiny_model()
+    with torch.inference_mode():
+        out = m.generate(batch, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                         past_key_values=enable(m, policy), pad_token_id=PAD)
+        for row, ids in ((0, a), (1, b)):
+            alone = m.generate(ids, max_new_tokens=16, do_sample=False,
+                               past_key_values=enable(m, policy), pad_token_id=PAD)
+            assert torch.equal(out[row, batch.shape[1]:], alone[0, ids.shape[1]:])
+
+
+def test_reset_cache_starts_a_new_sequence(tiny):
+    m, ids, ref = tiny
+    cache = enable(m, XQuantCL(bits=8, group_size=32, residual=8, block=8, **FP32))
+    chunked_logits(m, random_ids(1, 50, seed=9), cache, [30, 1, 19])
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.tokens is None
+    again = chunked_logits(m, ids, cache)
+    fresh = chunked_logits(m, ids, enable(m, XQuantCL(bits=8, group_size=32, residual=8, block=8, **FP32)))
+    assert torch.equal(again, fresh)

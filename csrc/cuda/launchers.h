@@ -70,6 +70,31 @@ int64_t dequant_matmul_workspace_bytes(const DequantMatmulArgs& args);
 cudaError_t launch_dequant_matmul(const DequantMatmulArgs& args, void* workspace,
                                   cudaStream_t stream);
 
+// kvq::remat_kv (checks: csrc/remat_args.h). codes [N, T, d * bits / 8] uint8 packed per token;
+// scale, zero [N, T, d / group_size] of scale_dtype; weight [n_out, d], bias [n_out] (or
+// nullptr), cos/sin [N or 1, T, head_dim] (or nullptr, rope_dim 0), out [N, T, n_out]: all of
+// w_dtype, every tensor contiguous.
+struct RematKvArgs {
+  const uint8_t* codes;
+  const void* scale;
+  const void* zero;
+  DType scale_dtype;
+  const void* weight;
+  const void* bias;
+  const void* cos;
+  const void* sin;
+  DType w_dtype;
+  void* out;
+  int64_t N, T, d, n_out, group_size, head_dim, rope_dim;
+  int bits;
+  bool cos_batched;  // cos/sin have N rows (else one row for the whole batch)
+};
+
+// Bytes of float32 scratch launch_remat_kv needs (0 for a float32 output).
+int64_t remat_kv_workspace_bytes(const RematKvArgs& args);
+
+cudaError_t launch_remat_kv(const RematKvArgs& args, void* workspace, cudaStream_t stream);
+
 // kvq::quant_attention (layout: src/torchkvq/ops.py quant_attention, checks:
 // csrc/attention_args.h). Every tensor contiguous; optional ones are nullptr when absent.
 struct QuantAttentionArgs {

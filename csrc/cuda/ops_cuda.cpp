@@ -20,6 +20,7 @@
 #include "launchers.h"
 #include "matmul_args.h"
 #include "quantize_args.h"
+#include "remat_args.h"
 
 namespace kvq::cuda {
 namespace {
@@ -153,6 +154,51 @@ at::Tensor dequant_matmul(const at::Tensor& a_in, const at::Tensor& codes_in,
   return out;
 }
 
+at::Tensor remat_kv(const at::Tensor& codes_in, const at::Tensor& scale_in,
+                    const at::Tensor& zero_in, int64_t bits, int64_t group_size,
+                    const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                    int64_t rope_dim) {
+  // The checks also require every input to be on the device of codes.
+  const RematShape s = check_remat_kv_args(codes_in, scale_in, zero_in, bits, group_size,
+                                           weight_in, bias, cos, sin, rope_dim);
+  check_cuda("kvq::remat_kv", "codes", codes_in);
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor codes = codes_in.contiguous(), scale = scale_in.contiguous(),
+                   zero = zero_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor c = cos.has_value() ? cos->contiguous() : at::Tensor();
+  const at::Tensor sn = sin.has_value() ? sin->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({s.N, s.T, s.n_out}, weight.options());
+  RematKvArgs args{};
+  args.codes = codes.const_data_ptr<uint8_t>();
+  args.scale = scale.const_data_ptr();
+  args.zero = zero.const_data_ptr();
+  args.scale_dtype = to_dtype(scale.scalar_type());
+  args.weight = weight.const_data_ptr();
+  args.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  args.cos = c.defined() ? c.const_data_ptr() : nullptr;
+  args.sin = sn.defined() ? sn.const_data_ptr() : nullptr;
+  args.w_dtype = to_dtype(weight.scalar_type());
+  args.out = out.mutable_data_ptr();
+  args.N = s.N;
+  args.T = s.T;
+  args.d = s.d;
+  args.n_out = s.n_out;
+  args.group_size = group_size;
+  args.head_dim = s.head_dim;
+  args.rope_dim = rope_dim;
+  args.bits = static_cast<int>(bits);
+  args.cos_batched = c.defined() && c.size(0) == s.N && s.N > 1;
+  const int64_t ws_bytes = remat_kv_workspace_bytes(args);
+  const at::Tensor ws = at::empty({ws_bytes}, weight.options().dtype(at::kByte));
+  const cudaError_t err = launch_remat_kv(args, ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr,
+                                          c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 // Defined in ops_attention_cuda.cpp.
@@ -174,6 +220,7 @@ TORCH_LIBRARY_IMPL(kvq, CUDA, m) {
   m.impl("outlier_split", &outlier_split);
   m.impl("dequant_matmul", &dequant_matmul);
   m.impl("quant_attention", &quant_attention);
+  m.impl("remat_kv", &remat_kv);
 }
 
 }  // namespace kvq::cuda

@@ -139,6 +139,9 @@ class XQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.store = None
         self.is_initialized = False
+        self.cache.tokens = None  # shared by every layer: a reset cache starts a new sequence
+        if self.cache.accumulator is not None:
+            self.cache.accumulator.release()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("XQuantCache does not support beam search; use greedy or sampling generation")
