@@ -9,6 +9,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..policies import Policy
+from ..policies.xquant import XQuant
 from ..store import KVStore
 from . import persist
 
@@ -114,6 +115,11 @@ class KVQCache(Cache):
     def __init__(self, config, policy: Policy) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(f"KVQCache: policy must be a torchkvq.policies.Policy, got {type(policy).__name__}")
+        if isinstance(policy, XQuant):
+            raise TypeError(
+                f"KVQCache: {type(policy).__name__} caches the layer input, not keys and values: use "
+                "torchkvq.hf.enable(model, policy) or torchkvq.hf.XQuantCache(model, policy)"
+            )
         policy.validate()
         text = config.get_text_config(decoder=True)
         if getattr(text, "_attn_implementation", None) != ATTN_IMPLEMENTATION:

@@ -80,7 +80,7 @@ class XQuant(Policy):
             raise ValueError(f"{name}: mode must be 'auto', 'x' or 'latent', got {self.mode!r}")
 
     def make_store(self, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device | str) -> KVStore:
+                   device: torch.device | str, window: int | None = None) -> KVStore:
         raise TypeError(
             f"{type(self).__name__} caches the layer input, not keys and values: use "
             "torchkvq.hf.enable(model, policy) or torchkvq.hf.XQuantCache(model, policy)"
