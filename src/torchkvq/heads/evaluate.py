@@ -131,9 +131,10 @@ def main(argv=None) -> int:
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         compress(m, calib, kv_heads=args.kv_heads, **kw)
+        merge_s = round(time.perf_counter() - t0, 1)
         rep = m.torchkvq_heads_report
         row = {"variant": v, "kv_heads": m.config.num_key_value_heads, "ppl": perplexity(m, evals),
-               "merge_s": round(time.perf_counter() - t0, 1),
+               "merge_s": merge_s,
                "key_energy": sum(r.key_energy for r in rep.layers) / len(rep.layers),
                "value_energy": sum(r.value_energy for r in rep.layers) / len(rep.layers)}
         rows.append(row)
@@ -143,9 +144,10 @@ def main(argv=None) -> int:
 
             t0 = time.perf_counter()
             kls = recover(m, base, calib, steps=args.recover_steps, lr=args.recover_lr)
+            recover_s = round(time.perf_counter() - t0, 1)
             rows.append({"variant": f"{v}+recover({args.recover_steps}x{args.recover_lr:g})",
                          "kv_heads": m.config.num_key_value_heads, "ppl": perplexity(m, evals),
-                         "recover_s": round(time.perf_counter() - t0, 1),
+                         "recover_s": recover_s,
                          "kl_first": kls[0], "kl_last": kls[-1]})
             print(json.dumps(rows[-1]), file=sys.stderr)
         del m
