@@ -9,8 +9,6 @@ on CPU.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .calibrate import attention_modules
@@ -37,7 +35,6 @@ def recover(model, teacher, token_ids: torch.Tensor, steps: int = 100, lr: float
     was_training = model.training
     model.eval()  # no dropout; gradients still flow
     losses = []
-    start = time.perf_counter()
     try:
         bar = tqdm(range(steps), desc="recovery (distillation)", unit="step", disable=not progress)
         for step in bar:
@@ -56,5 +53,4 @@ def recover(model, teacher, token_ids: torch.Tensor, steps: int = 100, lr: float
             p.grad = None
             p.requires_grad_(f)
         model.train(was_training)
-    recover.last_seconds = time.perf_counter() - start
     return losses
