@@ -33,6 +33,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"),
                    help="folder for results.csv, results.json and results.png (default ./results)")
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the JSON here")
+    p.add_argument("--heads-calibration-tokens", type=int, default=8192,
+                   help="calibration tokens of heads-K methods (Wikipedia, disjoint from the evaluated "
+                   "tokens; default 8192)")
     p.set_defaults(func=_run_eval)
 
 
@@ -45,6 +48,8 @@ def _run_eval(args) -> int:
     if args.list_methods:
         for name, m in methods.all_methods().items():
             print(f"{name:14s} {m.kind:9s} {m.description}")
+        print(f"{'heads-K[+M]':14s} {'heads':9s} method M (default fp32) on the model with its KV heads "
+              "merged into K (torchkvq.heads; not part of 'all')")
         return 0
     if not 0 < args.prompt < args.seq_len:
         raise SystemExit(f"torchkvq eval: --prompt must be in (0, --seq-len={args.seq_len}), got {args.prompt}")
@@ -68,12 +73,28 @@ def _run_eval(args) -> int:
     else:
         text, source = corpus.long_text()
     sequences = corpus.token_sequences(tokenizer, text, args.n_seqs, args.seq_len, args.offset)
+    models = {}
+    heads = {m.kv_heads for m in chosen if m.kv_heads is not None}
+    if heads:
+        from .eval import transforms
+
+        try:
+            calib, source["heads_calibration_offset"] = transforms.calibration_tokens(
+                tokenizer, args.heads_calibration_tokens, 512, args.text, args.offset,
+                args.offset + args.n_seqs * args.seq_len)
+            merged = transforms.merged_models(model, heads, calib)
+        except ValueError as e:
+            raise SystemExit(f"torchkvq eval: {e}")
+        source["heads_calibration_tokens"] = calib.numel()
+        models = {m.name: merged[m.kv_heads] for m in chosen if m.kv_heads is not None}
 
     with tqdm(total=len(chosen) * args.n_seqs, desc="streaming eval", unit="seq") as bar:
-        results = protocol.evaluate(model, chosen, sequences, args.prompt, args.chunk, progress=bar)
+        results = protocol.evaluate(model, chosen, sequences, args.prompt, args.chunk, progress=bar,
+                                    models=models)
     if args.decode_tokens:
         for m in tqdm(chosen, desc="decode speed", unit="method"):
-            tps, peak, nbytes = protocol.decode_speed(model, m, sequences[:1, : args.prompt], args.decode_tokens)
+            tps, peak, nbytes = protocol.decode_speed(models.get(m.name, model), m, sequences[:1, : args.prompt],
+                                                      args.decode_tokens)
             r = results[m.name]
             r.decode_tokens_per_s, r.decode_peak_rss_mib, r.decode_cache_bytes = tps, peak, nbytes
 
@@ -99,10 +120,94 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _compress_heads_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress-heads",
+        help="merge groups of KV heads into one (fewer KV heads, RoPE-aware) and save the model",
+        description="Low-rank KV-head merging (docs/heads.md): calibrate on Wikipedia text, merge every "
+        "group of adjacent KV heads into one shared head, fold the reconstructions into the query "
+        "and output projections, and save an ordinary transformers model (+ tokenizer) to --out.",
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the bundled SmolLM2-135M (default) or a local transformers causal-LM folder")
+    p.add_argument("--kv-heads", type=int, required=True, help="new number of KV heads (must divide the current one)")
+    p.add_argument("--init", choices=["activations", "weights"], default="activations",
+                   help="PCA of calibration activations (default) or of the weights alone")
+    p.add_argument("--calibration-tokens", type=int, default=8192,
+                   help="Wikipedia tokens to calibrate on (default 8192; ignored with --init weights)")
+    p.add_argument("--calibration-offset", type=int, default=100_000,
+                   help="token offset of the calibration text in the Wikipedia corpus (default 100000, "
+                   "clear of the windows torchkvq eval reads by default)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--one-pass", action="store_true",
+                   help="calibrate every layer on one pass of the original model (default: layer by "
+                   "layer on the merged model's own hidden states, with an o_proj refit)")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="optional recovery: distil the original model into the merged one for this many "
+                   "steps, training only q/k/v/o (default 0 = off; docs/heads.md)")
+    p.add_argument("--recover-lr", type=float, default=1e-4, help="learning rate of --recover-steps (default 1e-4)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=pathlib.Path, required=True, help="folder for the compressed model")
+    p.set_defaults(func=_run_compress_heads)
+
+
+def _run_compress_heads(args) -> int:
+    import copy
+    import json
+    import time
+
+    import torch
+
+    from .eval import corpus, model as model_lib
+    from .heads import compress, recover
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.calibration_tokens < 1 or args.seq_len < 1 or args.recover_steps < 0:
+        raise SystemExit("torchkvq compress-heads: --calibration-tokens and --seq-len must be >= 1, "
+                         "--recover-steps >= 0")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = model_lib.load_model(args.model)
+    teacher = copy.deepcopy(model) if args.recover_steps else None
+    calib = None
+    if args.init == "activations" or args.recover_steps:
+        seq_len = min(args.seq_len, args.calibration_tokens)
+        calib = corpus.token_sequences(tokenizer, corpus.wiki_corpus_text(), max(1, args.calibration_tokens // seq_len),
+                                       seq_len, args.calibration_offset)
+    start = time.perf_counter()
+    try:
+        compress(model, calib if args.init == "activations" else None, kv_heads=args.kv_heads, init=args.init,
+                 sequential=not args.one_pass, progress=True)
+    except (ValueError, NotImplementedError) as e:
+        raise SystemExit(f"torchkvq compress-heads: {e}")
+    rep = model.torchkvq_heads_report
+    info = {"model": str(args.model), "old_kv_heads": rep.old_kv_heads, "kv_heads": rep.kv_heads,
+            "init": rep.init, "method": rep.method, "calibration_tokens": rep.calibration_tokens,
+            "calibration_offset": args.calibration_offset, "merge_seconds": round(time.perf_counter() - start, 1),
+            "key_energy_kept": [round(r.key_energy, 4) for r in rep.layers],
+            "value_energy_kept": [round(r.value_energy, 4) for r in rep.layers]}
+    if args.recover_steps:
+        start = time.perf_counter()
+        kl = recover(model, teacher, calib, steps=args.recover_steps, lr=args.recover_lr)
+        info.update(recover_steps=args.recover_steps, recover_lr=args.recover_lr,
+                    recover_kl_first_last=[round(kl[0], 4), round(kl[-1], 4)],
+                    recover_seconds=round(time.perf_counter() - start, 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    (args.out / "torchkvq_heads.json").write_text(json.dumps(info, indent=1))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"{rep.old_kv_heads} -> {rep.kv_heads} KV heads ({rep.method}, {rep.calibration_tokens} calibration "
+          f"tokens) in {info['merge_seconds']} s; weighted energy kept: keys {mean(info['key_energy_kept']):.3f}, "
+          f"values {mean(info['value_energy_kept']):.3f}. Saved to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchkvq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
+    _compress_heads_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

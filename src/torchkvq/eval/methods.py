@@ -6,6 +6,7 @@ A method builds a fresh cache for each sequence and reports the bytes that cache
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,13 +20,15 @@ BASELINE = "fp32"
 @dataclass(frozen=True)
 class Method:
     """A named way to cache: ``make_cache(model)`` gives a fresh cache, ``nbytes(cache)`` what
-    it holds, and ``kind`` is ``baseline``, ``torchkvq`` or ``peer``."""
+    it holds, and ``kind`` is ``baseline``, ``torchkvq``, ``peer`` or ``heads``. ``kv_heads``:
+    run on a copy of the model whose KV heads were merged into this many (eval/transforms.py)."""
 
     name: str
     kind: str
     make_cache: Callable
     nbytes: Callable
     description: str
+    kv_heads: int | None = None
 
 
 def tensor_bytes(t) -> int:
@@ -96,11 +99,28 @@ def all_methods() -> dict[str, Method]:
     return methods
 
 
+def _heads_method(name: str, known: dict[str, Method]) -> Method | None:
+    """``heads-K`` (fp cache) or ``heads-K+<method>`` on the model merged to K KV heads."""
+    from .transforms import heads_spec
+
+    spec = heads_spec(name)
+    if spec is None or spec[0] < 1 or (spec[1] or BASELINE) not in known:
+        return None
+    inner = known[spec[1] or BASELINE]
+    return dataclasses.replace(inner, name=name, kind="heads", kv_heads=spec[0],
+                               description=f"KV heads merged to {spec[0]} (torchkvq.heads, calibrated) "
+                               f"+ {inner.description}")
+
+
 def resolve(names: list[str]) -> list[Method]:
-    """Methods by name, the baseline first (every comparison needs it)."""
+    """Methods by name, the baseline first (every comparison needs it). Besides the known
+    names, ``heads-K`` and ``heads-K+<known name>`` (not part of ``all``)."""
     known = all_methods()
-    unknown = [n for n in names if n not in known]
+    extra = {n: m for n in names if n not in known and (m := _heads_method(n, known)) is not None}
+    unknown = [n for n in names if n not in known and n not in extra]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(known)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(known)}, "
+                         "and heads-K / heads-K+<method> (KV heads merged to K, e.g. heads-1+kivi-4)")
+    known.update(extra)
     ordered = [BASELINE] + [n for n in names if n != BASELINE]
     return [known[n] for n in ordered]

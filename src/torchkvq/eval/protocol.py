@@ -122,16 +122,20 @@ def decode_speed(model, method: Method, ids: torch.Tensor, new_tokens: int) -> t
 
 
 def evaluate(model, methods: list[Method], sequences: torch.Tensor, prompt: int, chunk: int,
-             progress=None) -> dict[str, MethodResult]:
-    """Run every method over every sequence ``[n_seqs, n]``; the first method is the baseline."""
+             progress=None, models: dict | None = None) -> dict[str, MethodResult]:
+    """Run every method over every sequence ``[n_seqs, n]``; the first method is the baseline.
+    ``models`` maps a method name to the model it runs on instead of ``model`` (model
+    transforms, e.g. merged KV heads); scores stay relative to the baseline on ``model``."""
     results = {m.name: MethodResult(m) for m in methods}
+    models = models or {}
     for seq in sequences:
         ids = seq[None]
         targets = seq[prompt:]
         reference = None
         for m in methods:
-            cache = m.make_cache(model)
-            lp = stream_logprobs(model, ids, cache, prompt, chunk)
+            mdl = models.get(m.name, model)
+            cache = m.make_cache(mdl)
+            lp = stream_logprobs(mdl, ids, cache, prompt, chunk)
             if reference is None:
                 reference = lp
             s = score(lp, reference, targets)

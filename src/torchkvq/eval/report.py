@@ -70,14 +70,15 @@ def plot(table_rows: list[dict], path: pathlib.Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"baseline": "black", "torchkvq": "tab:blue", "peer": "tab:red"}
+    colors = {"baseline": "black", "torchkvq": "tab:blue", "peer": "tab:red", "heads": "tab:green"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in table_rows:
         ax.scatter(r["ratio_vs_fp16"], r["d_ppl_pct"], color=colors[r["kind"]], s=40, zorder=3)
         ax.annotate(r["method"], (r["ratio_vs_fp16"], r["d_ppl_pct"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     for kind, c in colors.items():
-        ax.scatter([], [], color=c, label=kind)
+        if kind != "heads" or any(r["kind"] == kind for r in table_rows):
+            ax.scatter([], [], color=c, label=kind)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_yscale("symlog", linthresh=1.0)  # near-lossless methods and collapses on one plot
     ax.set_xlabel("KV bytes held: compression vs an fp16 cache (×, metadata and fp windows included)")
