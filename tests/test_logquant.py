@@ -106,3 +106,12 @@ def test_bad_configuration():
         LogQuant(window=0).validate()
     with pytest.raises(ValueError, match="bits"):
         LogQuant(bits=9).validate()
+
+
+def test_registered_configurations():
+    from torchkvq.policies import get_policy
+
+    for name, window in (("logquant-2", 48), ("logquant-2-w28", 28)):
+        p = get_policy(name)
+        p.validate()
+        assert isinstance(p, LogQuant) and (p.window, p.bits, p.window_dtype) == (window, 2, torch.float16)

@@ -29,11 +29,13 @@ def _store_with_window(policy, T=96, D=64, H=2, seed=0):
     return store, keys, values
 
 
-def _expected_widths(policy, keys, values, attention, q2, T, o):
-    """QAQ's formulas, written out for one block."""
+def _expected_widths(policy, keys, values, attention, q2, T, o, vo=None):
+    """QAQ's formulas, written out for one block (`o`: key outliers, `vo`: value outliers)."""
+    vo = o if vo is None else vo
+
     def clip_range(x):
         s = x.sort(dim=-1).values
-        return s[..., -1 - o.high] - s[..., o.low]
+        return s[..., -1 - vo.high] - s[..., vo.low]
 
     v_err = math.sqrt(12 / T) * policy.value_error / attention.clamp_min(1e-6)
     v_need = torch.log2(clip_range(values).amax(dim=(0, 1)) / (2 * v_err) + 1).ceil()
@@ -48,19 +50,23 @@ def _expected_widths(policy, keys, values, attention, q2, T, o):
 
 
 @pytest.mark.parametrize("value_error, key_error", [(0.5, 0.5), (4.0, 1.0), (30.0, 8.0)])
-@pytest.mark.parametrize("outliers", [0.0, 0.05])
-def test_block_widths_follow_the_formulas(value_error, key_error, outliers):
+@pytest.mark.parametrize("outliers, value_outliers", [(0.0, None), (0.05, None), (0.05, 0.0), (0.0, 0.1)])
+def test_block_widths_follow_the_formulas(value_error, key_error, outliers, value_outliers):
     policy = QAQ(key_error=key_error, value_error=value_error, min_bits=1, max_bits=8,
-                 residual=32, group_size=32, outlier_fraction=outliers)
+                 residual=32, group_size=32, outlier_fraction=outliers,
+                 value_outlier_fraction=value_outliers)
     store, keys, values = _store_with_window(policy)
     st = policy.new_state()
     attention = torch.rand(96) * 0.5
     st.record(list(range(96)), attention)
     st.query_sq_norms = torch.rand(200) * 4
     q2 = float(torch.quantile(st.query_sq_norms, policy.query_percentile))
-    o = policy._outliers(64)
+    o, vo = store.key_outliers, store.value_outliers
+    expected_count = {0.0: 0, 0.05: 4, 0.1: 6}  # per vector of 64: round(f * 32) each end, >= 1
+    assert o.count == expected_count[outliers]
+    assert vo.count == expected_count[outliers if value_outliers is None else value_outliers]
     got = policy._block_bits(store, st, 0)
-    want = _expected_widths(policy, keys[:, :, :32], values[:, :, :32], attention[:32], q2, 96, o)
+    want = _expected_widths(policy, keys[:, :, :32], values[:, :, :32], attention[:32], q2, 96, o, vo)
     assert got == want
 
 
@@ -101,12 +107,69 @@ def test_policy_quantizes_once_after_the_window_with_its_widths():
     assert sum(store.nbytes_breakdown().values()) == store.nbytes()
 
 
+def test_sinks_stay_in_full_precision_and_do_not_widen_their_block():
+    policy = QAQ(value_error=2.0, min_bits=1, max_bits=8, residual=32, group_size=32, sinks=2,
+                 outlier_fraction=0.0)
+    store, keys, values = _store_with_window(policy)
+    st = policy.new_state()
+    policy.after_append(store, st)
+    assert store.pinned == frozenset({0, 1})
+    # the sinks draw almost all attention; the block's other tokens almost none
+    attention = torch.full((96,), 1e-4)
+    attention[:2] = 0.9
+    st.record(list(range(96)), attention)
+    st.query_sq_norms = torch.ones(10)
+    without_sinks = attention.clone()
+    without_sinks[:2] = 0
+    want = _expected_widths(policy, keys[:, :, :32], values[:, :, :32], without_sinks[:32], 1.0, 96, Outliers())
+    assert policy._block_bits(store, st, 0) == want
+    unpinned = QAQ(value_error=2.0, min_bits=1, max_bits=8, residual=32, group_size=32, outlier_fraction=0.0)
+    plain, _, _ = _store_with_window(unpinned)  # the same tokens, nothing pinned
+    assert unpinned._block_bits(plain, st, 0)[1] > want[1]  # the sinks' attention would widen it
+    store.quantize_blocks([want])
+    assert {0, 1} <= set(store.fp_positions) and store.q_exclude[0, :2].all()
+    k_hat, _, _ = store.dequantized()
+    torch.testing.assert_close(k_hat[:, :, :2], keys[:, :, :2])
+
+
+def test_sinks_are_pinned_when_the_prefill_is_observed_first():
+    # At prefill the integration calls observe (which may quantize) before after_append.
+    policy = QAQ(value_error=2.0, residual=32, group_size=32, sinks=1)
+    store, keys, _ = _store_with_window(policy)
+    st = policy.new_state()
+    q = torch.randn(1, 4, 5, 64) * 0.125
+    _, _, stats = store.attend(q, return_stats=True)
+    policy.observe(store, st, stats, q)
+    policy.after_append(store, st)
+    assert store.n_quantized == 64 and store.pinned == frozenset({0})
+    assert 0 in store.fp_positions and bool(store.q_exclude[0, 0])
+    torch.testing.assert_close(store.dequantized()[0][:, :, 0], keys[:, :, 0])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(min_bits=3, max_bits=2), "min_bits"),
     (dict(residual=2, attention_window=5), "residual"),
     (dict(outlier_fraction=0.6), "outlier_fraction"),
     (dict(value_error=0.0), "value_error"),
+    (dict(value_outlier_fraction=0.5), "value_outlier_fraction"),
+    (dict(sinks=-1), "sinks"),
 ])
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QAQ(**kwargs).validate()
+
+
+def test_registered_configurations():
+    from torchkvq.policies import REGISTRY, get_policy
+
+    qaq = [n for n in REGISTRY if n.startswith("qaq")]
+    assert {"qaq", "qaq-no-outliers", "qaq-sink", "qaq-g64-r32-sink"} <= set(qaq)
+    for name in qaq:
+        p = get_policy(name)
+        p.validate()
+        assert isinstance(p, QAQ) and p.window_dtype == torch.float16
+        store = p.make_store(1, 3, 64, torch.float32, "cpu")
+        assert store.group_size == p.group_size
+    assert get_policy("qaq-sink").sinks == 1 and get_policy("qaq").sinks == 0
+    g64 = get_policy("qaq-g64-r32-sink")
+    assert (g64.group_size, g64.value_group_size, g64.residual, g64.outlier_fraction) == (64, 64, 32, 0.0)

@@ -52,13 +52,16 @@ class QAQ(Policy):
     seen so far, and allowed error ``sqrt(3) * sigma``. A width is
     ``ceil(log2(range / (2 * error) + 1))`` clamped to [min_bits, max_bits], range measured
     without the outliers. The `outlier_fraction` most extreme values of each key and value vector
-    (half at each end, at least one each) are kept exactly.
+    (half at each end, at least one each) are kept exactly; `value_outlier_fraction` sets the
+    values' fraction apart (e.g. 0: outliers for keys only, the more sensitive of the two).
 
     Where the paper keeps an unquantized copy on the CPU to raise a token's width later,
     torchkvq keeps every token in full precision for its first `residual` steps (at least
     `attention_window`), so its width is decided from a full attention window, and then
     quantizes it once. Widths are per block of `group_size` tokens (shared by heads and batch):
-    a block gets the widest width any of its tokens needs.
+    a block gets the widest width any of its tokens needs. The first `sinks` tokens (attention
+    sinks) can be kept in full precision for good; their quantized copies are never attended to,
+    so their attention does not widen their block.
 
     Args:
         key_error, value_error: the budgets (smaller: more bits).
@@ -66,6 +69,8 @@ class QAQ(Policy):
         attention_window: n, the number of recent scores a prediction looks at.
         residual: steps a token stays in full precision before it is quantized.
         outlier_fraction: fraction of each vector kept exactly (0 disables outliers).
+        value_outlier_fraction: the same for values only (None: `outlier_fraction`).
+        sinks: leading tokens kept in full precision.
         query_percentile: percentile of |q|^2 used by the key budget.
     """
 
@@ -76,6 +81,8 @@ class QAQ(Policy):
     attention_window: int = 5
     residual: int = 128
     outlier_fraction: float = 0.01
+    value_outlier_fraction: float | None = None
+    sinks: int = 0
     query_percentile: float = 0.9
     group_size: int = 32
     value_group_size: int | None = None
@@ -96,23 +103,32 @@ class QAQ(Policy):
                 f"QAQ: need attention_window >= 1 and residual >= attention_window, got "
                 f"{self.attention_window} and {self.residual}"
             )
-        if not 0 <= self.outlier_fraction < 0.5 or not 0 < self.query_percentile <= 1:
-            raise ValueError("QAQ: outlier_fraction must be in [0, 0.5) and query_percentile in (0, 1]")
+        fractions = (self.outlier_fraction, self._value_fraction)
+        if not all(0 <= f < 0.5 for f in fractions) or not 0 < self.query_percentile <= 1:
+            raise ValueError("QAQ: outlier_fraction and value_outlier_fraction must be in [0, 0.5) "
+                             "and query_percentile in (0, 1]")
+        if self.sinks < 0:
+            raise ValueError(f"QAQ: sinks must be >= 0, got {self.sinks}")
         if self.key_error <= 0 or self.value_error <= 0:
             raise ValueError("QAQ: key_error and value_error must be > 0")
 
-    def _outliers(self, head_dim: int) -> Outliers:
-        if self.outlier_fraction == 0:
+    @property
+    def _value_fraction(self) -> float:
+        return self.outlier_fraction if self.value_outlier_fraction is None else self.value_outlier_fraction
+
+    @staticmethod
+    def _outliers(fraction: float, head_dim: int) -> Outliers:
+        if fraction == 0:
             return Outliers()
-        each = max(1, round(self.outlier_fraction * head_dim / 2))
+        each = max(1, round(fraction * head_dim / 2))
         return Outliers(each, each)
 
     def make_store(self, batch_size, kv_heads, head_dim, dtype, device, window=None) -> KVStore:
-        o = self._outliers(head_dim)
         return KVStore(
             batch_size, kv_heads, head_dim, dtype=self.window_dtype or dtype, device=device,
             group_size=self.group_size, value_group_size=self.value_group_size,
-            scale_dtype=self.scale_dtype, key_outliers=o, value_outliers=o, window=window,
+            scale_dtype=self.scale_dtype, key_outliers=self._outliers(self.outlier_fraction, head_dim),
+            value_outliers=self._outliers(self._value_fraction, head_dim), window=window,
         )
 
     @property
@@ -123,10 +139,18 @@ class QAQ(Policy):
         return QAQState(self.attention_window, recent=torch.zeros(self.attention_window, 0))
 
     def after_append(self, store: KVStore, state: Any) -> None:
-        """Nothing to do before attention: widths need this step's attention statistics."""
+        """Pin the sinks; widths wait for this step's attention statistics (:meth:`observe`)."""
+        self._pin_sinks(store)
+
+    def _pin_sinks(self, store: KVStore) -> None:
+        # Sinks arrive in full precision and are pinned before any flush (at prefill, observe
+        # runs before after_append).
+        if self.sinks:
+            store.pin(store.sink_positions(self.sinks) - store.pinned)  # per row, in the window
 
     def observe(self, store: KVStore, state: Any, stats: torch.Tensor, query: torch.Tensor) -> None:
         st: QAQState = state
+        self._pin_sinks(store)
         positions, fp_stats = store.fp_slot_stats(stats)
         st.record(positions, fp_stats.amax(dim=(0, 1)))
         norms = query.float().pow(2).sum(-1).flatten().cpu()
@@ -146,21 +170,24 @@ class QAQ(Policy):
         first = store.n_quantized + b * G
         positions = list(range(first, first + G))
         keys, values = store.fp_tokens(positions)
-        o = self._outliers(store.head_dim)
+        ok, ov = store.key_outliers, store.value_outliers
 
-        attention = st.predicted(positions).clamp_min(1e-6)  # [G]
+        attention = st.predicted(positions)  # [G]
+        # a pinned token's quantized copy is never attended to: its attention asks for nothing
+        pinned = torch.tensor([p in store.pinned for p in positions])
+        attention = attention.masked_fill(pinned, 0).clamp_min(1e-6)
         v_err = math.sqrt(12 / T) * self.value_error / attention
-        v_range = self._clipped_range(values, o).amax(dim=(0, 1))  # [G]
+        v_range = self._clipped_range(values, ov).amax(dim=(0, 1))  # [G]
         v_bits = self._width(v_range / (2 * v_err)).max()
 
         q2 = torch.quantile(st.query_sq_norms, self.query_percentile).clamp_min(1e-12)
         sigma2 = math.log(T**3 / max(T - 1, 1) * self.key_error**2 + 1) / q2
         k_err = math.sqrt(3) * sigma2.sqrt()
         k = keys.float()
-        if o.count:  # per-channel ranges of the block once each token's outliers are clipped
+        if ok.count:  # per-channel ranges of the block once each token's outliers are clipped
             s = k.sort(dim=-1).values
             D = k.shape[-1]
-            k = k.clamp(s[..., o.low : o.low + 1], s[..., D - 1 - o.high : D - o.high])
+            k = k.clamp(s[..., ok.low : ok.low + 1], s[..., D - 1 - ok.high : D - ok.high])
         k_range = (k.amax(dim=2) - k.amin(dim=2)).amax()
         k_bits = self._width(k_range / (2 * k_err))
         return int(k_bits), int(v_bits)
