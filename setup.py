@@ -33,7 +33,9 @@ def _want_cuda() -> bool:
 
 def _sanitize_flags() -> list[str]:
     sanitizers = os.environ.get("TORCHKVQ_SANITIZE", "")
-    return [f"-fsanitize={sanitizers}", "-fno-omit-frame-pointer", "-g"] if sanitizers else []
+    # -O1 (after -O3, so it wins): the usual level for sanitizers, readable reports, and a build
+    # several times faster than -O3 with instrumentation.
+    return [f"-fsanitize={sanitizers}", "-fno-omit-frame-pointer", "-g", "-O1"] if sanitizers else []
 
 
 def _extension():

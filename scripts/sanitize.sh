@@ -28,12 +28,17 @@ if [[ $sanitize == *address* ]]; then
   # The interpreter is not instrumented, so the ASan runtime must be loaded first.
   libasan=$("${CXX:-g++}" -print-file-name=libasan.so)
   [[ -f $libasan ]] || { echo "libasan.so not found (looked at $libasan)"; exit 1; }
-  export LD_PRELOAD=$libasan
+  # libstdc++ too: otherwise ASan's __cxa_throw interceptor finds no real __cxa_throw and the
+  # first C++ exception (any TORCH_CHECK that fails) aborts with "CHECK failed".
+  libstdcxx=$("${CXX:-g++}" -print-file-name=libstdc++.so.6)
+  export LD_PRELOAD="$libasan $libstdcxx"
 fi
 ldd "$so" | grep -E "asan|ubsan" || true
 
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:print_summary=1:detect_stack_use_after_return=1}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:print_summary=1}
+# Reports also go to files: pytest captures stderr, and an aborting process loses what it held.
+rm -f "$build"/asan.* "$build"/ubsan.*
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:print_summary=1:detect_stack_use_after_return=1:log_path=$build/asan}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:print_summary=1:log_path=$build/ubsan}
 export OMP_WAIT_POLICY=PASSIVE
 log="$build/fuzz.log"
 echo "=== tests/test_fuzz.py under the sanitizers (log: $log)"
@@ -42,9 +47,15 @@ PYTHONPATH="$build/lib:$root/tests" "$python" -c "import torchkvq, sys; assert t
   PYTHONPATH="$build/lib" "$python" -m pytest -p no:cacheprovider tests/test_fuzz.py "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
-if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
-  echo "=== sanitizer reports found in $log"
+reports=$(ls "$build"/asan.* "$build"/ubsan.* 2>/dev/null || true)
+if [[ -n $reports ]] || grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
+  echo "=== sanitizer reports:"
+  for f in $reports; do echo "--- $f"; head -n 60 "$f"; done
   exit 1
 fi
-echo "=== pytest exit status $rc; no sanitizer report"
+if [[ $rc -ne 0 ]]; then
+  echo "=== no sanitizer report, but pytest failed (exit status $rc; see $log)"
+else
+  echo "=== no sanitizer report; tests passed"
+fi
 exit "$rc"

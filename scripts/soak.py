@@ -76,13 +76,33 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
 
 
+def summarize(rows: list[dict], warmup: int) -> dict:
+    """Slopes over the checks after `warmup` tokens: RSS beyond the cache's bytes, Python objects
+    and RSS per token; bytes in use per quantized token (the change in full-precision tokens
+    taken out)."""
+    late = [r for r in rows if r["step"] >= warmup]
+    if len(late) < 2:
+        return {}
+    xs = [r["tokens"] for r in late]
+    first, last = late[0], late[-1]
+    dq = last["quantized_tokens"] - first["quantized_tokens"]
+    d_fp = (last["fp_tokens"] - first["fp_tokens"]) * last["fp_token_bytes"]
+    return {
+        "checked_from_token": first["tokens"], "checked_to_token": last["tokens"],
+        "leak_bytes_per_token": slope(xs, [r["rss"] - r["allocated"] for r in late]),
+        "gc_objects_per_token": slope(xs, [r["gc_objects"] for r in late]),
+        "rss_bytes_per_token": slope(xs, [r["rss"] for r in late]),
+        "bytes_per_quantized_token": (last["in_use"] - first["in_use"] - d_fp) / dq if dq else math.nan,
+        "fp16_bytes_per_token": last["fp16_bytes_per_token"],
+    }
+
+
 def soak(m, prompt: torch.Tensor, name: str, tokens: int, every: int, warmup: int,
          on_check=lambda rows: None) -> dict:
     policy = get_policy(name)
     cache = enable(m, policy)
     proc = psutil.Process()
     rows, failures = [], []
-    fp16_per_token = None
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -107,7 +127,10 @@ def soak(m, prompt: torch.Tensor, name: str, tokens: int, every: int, warmup: in
                     "rss": proc.memory_info().rss, "gc_objects": len(gc.get_objects()),
                     "seconds": time.perf_counter() - t0,
                 }
-                fp16_per_token = cache.fp16_nbytes() / row["tokens"]
+                row["fp_token_bytes"] = sum(  # one full-precision token in every layer, position included
+                    2 * st.batch_size * st.kv_heads * st.head_dim * esize(st.dtype) + 8 * st.batch_size
+                    for st in stores)
+                row["fp16_bytes_per_token"] = cache.fp16_nbytes() / row["tokens"]
                 rows.append(row)
                 on_check(rows)
                 if row["in_use"] != row["store_in_use"]:
@@ -124,22 +147,9 @@ def soak(m, prompt: torch.Tensor, name: str, tokens: int, every: int, warmup: in
         m.set_attn_implementation("sdpa")
     res = {"policy": name, "tokens": tokens, "prompt": prompt.shape[1], "rows": rows, "failures": failures,
            "seconds": time.perf_counter() - t0}
-    late = [r for r in rows if r["step"] >= warmup]
-    if len(late) >= 2:
-        xs = [r["tokens"] for r in late]
-        res["leak_bytes_per_token"] = slope(xs, [r["rss"] - r["allocated"] for r in late])
-        res["gc_objects_per_token"] = slope(xs, [r["gc_objects"] for r in late])
-        res["rss_bytes_per_token"] = slope(xs, [r["rss"] for r in late])
-        first, last = late[0], late[-1]
-        dq = last["quantized_tokens"] - first["quantized_tokens"]
-        s0 = cache.stores[0]
-        fp_bytes = 2 * s0.batch_size * s0.kv_heads * s0.head_dim * esize(s0.dtype) * len(cache.stores)
-        # bytes per quantized token, taking out the change in full-precision tokens
-        d_fp = (last["fp_tokens"] - first["fp_tokens"]) * (fp_bytes + 8 * s0.batch_size * len(cache.stores))
-        res["bytes_per_quantized_token"] = (last["in_use"] - first["in_use"] - d_fp) / dq if dq else math.nan
-        res["fp16_bytes_per_token"] = fp16_per_token
-        if res["leak_bytes_per_token"] > LEAK_BYTES_PER_TOKEN:
-            failures.append(f"RSS beyond the cache grows {res['leak_bytes_per_token']:.0f} bytes/token after warm-up")
+    res.update(summarize(rows, warmup))
+    if res.get("leak_bytes_per_token", 0) > LEAK_BYTES_PER_TOKEN:
+        failures.append(f"RSS beyond the cache grows {res['leak_bytes_per_token']:.0f} bytes/token after warm-up")
     return res
 
 
@@ -152,7 +162,19 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1024, help="tokens before the leak slopes are measured")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--report", metavar="JSON", help="only summarize the checks of an earlier run's --json "
+                    "(also of a run that was stopped: its last policy is marked partial)")
     args = ap.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            data = json.load(f)
+        for r in data["results"]:
+            rows = r["rows"]
+            summary = summarize(rows, args.warmup)
+            print(json.dumps({"policy": r["policy"], "partial": r.get("partial", False),
+                              "decoded": rows[-1]["step"] if rows else 0, "failures": r.get("failures", []),
+                              "last_check": rows[-1] if rows else None, **summary}, indent=1))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     m, tok = eval_model.load_model(progress=False)
