@@ -17,8 +17,9 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument("--model", default="smollm2-135m",
                    help="the bundled SmolLM2-135M (default) or a local transformers causal-LM folder")
-    p.add_argument("--methods", default="all",
-                   help="comma-separated method names, or 'all' (default); see --list-methods")
+    p.add_argument("--methods", default="default",
+                   help="comma-separated method names; 'default' (one configuration of every method, "
+                   "marked * by --list-methods); 'all' (every registry entry; no heads-K)")
     p.add_argument("--list-methods", action="store_true", help="print the known methods and exit")
     p.add_argument("--text", choices=["wiki", "long"], default="wiki",
                    help="wiki: Wikipedia lead sections (default); long: one long coherent book")
@@ -47,9 +48,12 @@ def _run_eval(args) -> int:
 
     if args.list_methods:
         for name, m in methods.all_methods().items():
-            print(f"{name:14s} {m.kind:9s} {m.description}")
-        print(f"{'heads-K[+M]':14s} {'heads':9s} method M (default fp32) on the model with its KV heads "
-              "merged into K (torchkvq.heads; not part of 'all')")
+            mark = "*" if name in methods.DEFAULT else " "
+            print(f"{mark} {name:16s} {m.kind:9s} {m.description}")
+        heads = ", ".join(n for n in methods.DEFAULT if n.startswith("heads-"))
+        print(f"{'*' if heads else ' '} {'heads-K[+M]':16s} {'heads':9s} method M (default fp32) on the model with its KV heads "
+              f"merged into K (torchkvq.heads; not part of 'all'; default: {heads or 'none'})")
+        print("\n* = part of the default run (--methods default)")
         return 0
     if not 0 < args.prompt < args.seq_len:
         raise SystemExit(f"torchkvq eval: --prompt must be in (0, --seq-len={args.seq_len}), got {args.prompt}")
@@ -57,7 +61,7 @@ def _run_eval(args) -> int:
         raise SystemExit("torchkvq eval: --chunk and --n-seqs must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = list(methods.all_methods()) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    names = methods.names_from(args.methods)
     try:
         chosen = methods.resolve(names)
     except ValueError as e:

@@ -21,7 +21,9 @@ BASELINE = "fp32"
 class Method:
     """A named way to cache: ``make_cache(model)`` gives a fresh cache, ``nbytes(cache)`` what
     it holds, and ``kind`` is ``baseline``, ``torchkvq``, ``peer`` or ``heads``. ``kv_heads``:
-    run on a copy of the model whose KV heads were merged into this many (eval/transforms.py)."""
+    run on a copy of the model whose KV heads were merged into this many (eval/transforms.py).
+    ``nbytes_in_use``: the bytes that hold data, where the cache reserves capacity ahead (None:
+    everything it holds is in use, as for transformers' caches, which grow by concatenation)."""
 
     name: str
     kind: str
@@ -29,6 +31,11 @@ class Method:
     nbytes: Callable
     description: str
     kv_heads: int | None = None
+    nbytes_in_use: Callable | None = None
+
+    def bytes_in_use(self, cache) -> int:
+        """Bytes of `cache` that hold data (``nbytes`` less capacity reserved for growth)."""
+        return (self.nbytes_in_use or self.nbytes)(cache)
 
 
 def tensor_bytes(t) -> int:
@@ -79,8 +86,17 @@ def _policy_method(name: str) -> Method:
     def nbytes(cache) -> int:
         return cache.nbytes()
 
+    def in_use(cache) -> int:
+        return cache.nbytes() - cache.nbytes_breakdown().get("reserved", 0)
+
     policy = REGISTRY[name]()
-    return Method(name, "torchkvq", make, nbytes, repr(policy))
+    return Method(name, "torchkvq", make, nbytes, repr(policy), nbytes_in_use=in_use)
+
+
+#: What ``torchkvq eval`` runs unless told otherwise: one configuration of every method, chosen so
+#: the default run fits 10 minutes on 2 cores. ``--methods all`` runs every registry entry.
+DEFAULT = ["fp32", "kivi-4", "kivi-2", "logquant-2", "qaq", "xquant-4", "xquant-cl-3", "heads-1+kivi-4",
+           "hf-quanto-4", "hf-quanto-2"]
 
 
 def all_methods() -> dict[str, Method]:
@@ -110,6 +126,16 @@ def _heads_method(name: str, known: dict[str, Method]) -> Method | None:
     return dataclasses.replace(inner, name=name, kind="heads", kv_heads=spec[0],
                                description=f"KV heads merged to {spec[0]} (torchkvq.heads, calibrated) "
                                f"+ {inner.description}")
+
+
+def names_from(spec: str) -> list[str]:
+    """Method names from ``--methods``: ``default`` (:data:`DEFAULT`), ``all`` (every known
+    method except ``heads-K``, which needs a calibration pass each), or comma-separated names."""
+    if spec == "default":
+        return list(DEFAULT)
+    if spec == "all":
+        return list(all_methods())
+    return [m.strip() for m in spec.split(",") if m.strip()]
 
 
 def resolve(names: list[str]) -> list[Method]:

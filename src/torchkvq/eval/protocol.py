@@ -27,6 +27,7 @@ class SequenceScore:
     kl: float = 0.0
     top1_agree: int = 0
     cache_bytes: int = 0
+    cache_bytes_in_use: int = 0
     cached_tokens: int = 0
 
 
@@ -56,7 +57,13 @@ class MethodResult:
 
     @property
     def bytes_per_token(self) -> float:
+        """Bytes the cache holds (reserved capacity included) per cached token."""
         return sum(s.cache_bytes for s in self.scores) / sum(s.cached_tokens for s in self.scores)
+
+    @property
+    def bytes_in_use_per_token(self) -> float:
+        """Bytes that hold data (reserved capacity left out) per cached token."""
+        return sum(s.cache_bytes_in_use for s in self.scores) / sum(s.cached_tokens for s in self.scores)
 
 
 @torch.inference_mode()
@@ -139,7 +146,8 @@ def evaluate(model, methods: list[Method], sequences: torch.Tensor, prompt: int,
             if reference is None:
                 reference = lp
             s = score(lp, reference, targets)
-            s.cache_bytes, s.cached_tokens = m.nbytes(cache), ids.shape[1] - 1
+            s.cache_bytes, s.cache_bytes_in_use = m.nbytes(cache), m.bytes_in_use(cache)
+            s.cached_tokens = ids.shape[1] - 1
             results[m.name].scores.append(s)
             if progress is not None:
                 progress.update(1)

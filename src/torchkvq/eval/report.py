@@ -10,7 +10,7 @@ from .methods import BASELINE
 from .protocol import MethodResult
 
 COLUMNS = ["method", "kind", "ppl", "d_ppl", "d_ppl_pct", "kl", "top1", "bytes_per_token",
-           "ratio_vs_fp16", "decode_tok_s", "decode_peak_rss_mib"]
+           "bytes_in_use_per_token", "ratio_vs_fp16", "decode_tok_s", "decode_peak_rss_mib"]
 
 
 def rows(results: dict[str, MethodResult], fp16_bytes_per_token: float) -> list[dict]:
@@ -28,6 +28,7 @@ def rows(results: dict[str, MethodResult], fp16_bytes_per_token: float) -> list[
             "kl": r.mean_kl,
             "top1": r.top1_agreement,
             "bytes_per_token": bpt,
+            "bytes_in_use_per_token": r.bytes_in_use_per_token,
             "ratio_vs_fp16": fp16_bytes_per_token / bpt,
             "decode_tok_s": r.decode_tokens_per_s,
             "decode_peak_rss_mib": r.decode_peak_rss_mib,
@@ -42,11 +43,13 @@ def _fmt(v, spec: str) -> str:
 
 def table(table_rows: list[dict]) -> str:
     """A Markdown table (it reads fine on a terminal too)."""
-    head = ["method", "ppl", "Δppl", "Δppl %", "KL", "top-1", "bytes/token", "× vs fp16", "decode tok/s"]
+    head = ["method", "ppl", "Δppl", "Δppl %", "KL", "top-1", "bytes/token", "in use", "× vs fp16",
+            "decode tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table_rows:
         cells = [r["method"], _fmt(r["ppl"], ".3f"), _fmt(r["d_ppl"], "+.3f"), _fmt(r["d_ppl_pct"], "+.2f"),
                  _fmt(r["kl"], ".4f"), _fmt(r["top1"], ".3f"), _fmt(r["bytes_per_token"], ",.0f"),
+                 _fmt(r["bytes_in_use_per_token"], ",.0f"),
                  _fmt(r["ratio_vs_fp16"], ".2f"), _fmt(r["decode_tok_s"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
