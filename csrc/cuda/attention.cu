@@ -56,6 +56,7 @@
 
 #include <cstdint>
 
+#include "elem.cuh"
 #include "launchers.h"
 
 namespace kvq::cuda {
@@ -69,33 +70,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kSoftSmem = 96 * 1024;  // preferred dynamic smem per CTA (leaves room for 2+ CTAs/SM)
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-// ---- element access with a runtime dtype (off the inner loops, or uniform branches) ---------
-
-__device__ __forceinline__ float load_elem(const void* p, int64_t i, DType t) {
-  switch (t) {
-    case DType::kF32:
-      return static_cast<const float*>(p)[i];
-    case DType::kF16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    default:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  }
-}
-
-__device__ __forceinline__ void store_elem(void* p, int64_t i, DType t, float v) {
-  switch (t) {
-    case DType::kF32:
-      static_cast<float*>(p)[i] = v;
-      return;
-    case DType::kF16:
-      static_cast<__half*>(p)[i] = __float2half_rn(v);
-      return;
-    default:
-      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-      return;
-  }
-}
 
 // ---- cp.async (sm_80+; a synchronous copy elsewhere, where wait is then a no-op) -----------
 

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "elem.cuh"
 #include "launchers.h"
 
 namespace kvq::cuda {
@@ -30,31 +31,6 @@ constexpr int kBC = 64;        // output columns per CTA
 constexpr int kBR = 16;        // reduction chunk
 constexpr int kPad = 4;        // smem row padding (floats): fewer bank conflicts, rows stay 16-B aligned
 constexpr int64_t kMaxSplits = 64;
-
-__device__ __forceinline__ float load_elem(const void* p, int64_t i, DType t) {
-  switch (t) {
-    case DType::kF32:
-      return static_cast<const float*>(p)[i];
-    case DType::kF16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    default:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  }
-}
-
-__device__ __forceinline__ void store_elem(void* p, int64_t i, DType t, float v) {
-  switch (t) {
-    case DType::kF32:
-      static_cast<float*>(p)[i] = v;
-      return;
-    case DType::kF16:
-      static_cast<__half*>(p)[i] = __float2half_rn(v);
-      return;
-    default:
-      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-      return;
-  }
-}
 
 struct Params {
   DequantMatmulArgs a;

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "elem.cuh"
 #include "launchers.h"
 
 namespace kvq::cuda {
@@ -25,31 +26,6 @@ constexpr int kTM = 32;   // tokens per CTA
 constexpr int kTN = 64;   // outputs per CTA
 constexpr int kTK = 16;   // reduction chunk
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float load_elem(const void* p, int64_t i, DType t) {
-  switch (t) {
-    case DType::kF32:
-      return static_cast<const float*>(p)[i];
-    case DType::kF16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    default:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  }
-}
-
-__device__ __forceinline__ void store_elem(void* p, int64_t i, DType t, float v) {
-  switch (t) {
-    case DType::kF32:
-      static_cast<float*>(p)[i] = v;
-      return;
-    case DType::kF16:
-      static_cast<__half*>(p)[i] = __float2half_rn(v);
-      return;
-    default:
-      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-      return;
-  }
-}
 
 // Code j of a token's LSB-first bit stream (docs/format.md); a code spans at most two bytes.
 __device__ __forceinline__ uint32_t code_at(const uint8_t* row, int64_t j, int bits) {
