@@ -41,14 +41,10 @@ B = SmolLM2-135M (30 layers, 9 q / 3 kv heads, d=64; T = 1k, 4k, 16k, 32k by def
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime as _dt
-import gc
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +61,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import torchkvq  # noqa: E402,F401  (registers torch.ops.kvq)
 from torchkvq import ops, reference  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -85,119 +84,33 @@ SHAPES = {
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def sysfs_llc_mib() -> float | None:
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    best = None
-    try:
-        entries = [e for e in os.listdir(base) if e.startswith("index")]
-    except OSError:
-        return None
-    for e in entries:
-        try:
-            with open(os.path.join(base, e, "size")) as f:
-                text = f.read().strip()
-            size = float(text.rstrip("KMG")) * {"K": 1 / 1024, "M": 1, "G": 1024}[text[-1]]
-        except (OSError, ValueError, KeyError, IndexError):
-            continue
-        best = size if best is None else max(best, size)
-    return best
-
-
 def meminfo_kib(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
+    return machine.proc_kib("/proc/meminfo", key) or 0
 
 
 def proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return []
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def extension_build() -> str:
-    """Path and modification time of the compiled torchkvq extension that ran."""
-    import importlib.util
-
-    try:
-        origin = importlib.util.find_spec("torchkvq._C").origin
-        mtime = _dt.datetime.fromtimestamp(os.path.getmtime(origin), _dt.timezone.utc)
-        return f"{os.path.basename(origin)} built {mtime.isoformat(timespec='seconds')}"
-    except (ImportError, AttributeError, OSError, TypeError):
-        return "unknown"
+    return machine.proc_kib("/proc/self/status", key) or 0
 
 
 def machine_info() -> dict:
     return {
-        "cpu_model": cpu_model(),
+        "cpu_model": machine.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "omp_wait_policy_set_by_script": OMP_WAIT_POLICY_DEFAULTED,
-        "llc_mib_sysfs": sysfs_llc_mib(),
+        "llc_mib_sysfs": machine.llc_mib(),
         "llc_mib_design": DESIGN_L3_MIB,
         "mem_total_gib": round(meminfo_kib("MemTotal") / (1 << 20), 2),
         "mem_available_gib_at_start": round(meminfo_kib("MemAvailable") / (1 << 20), 2),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torchkvq_commit": git_commit(),
-        "torchkvq_extension": extension_build(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_at_start": loadavg(),
+        "torchkvq_commit": machine.git_commit(),
+        "torchkvq_extension": machine.extension_build(),
+        "date": machine.now(),
+        "loadavg_at_start": machine.loadavg(),
     }
-
-
-_libc = None
-
-
-def malloc_trim() -> None:
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def free_memory() -> None:
-    gc.collect()
-    malloc_trim()
 
 
 def read_bandwidth_gbs(gib: float, repeats: int) -> dict:
@@ -212,7 +125,7 @@ def read_bandwidth_gbs(gib: float, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
     nbytes = x.numel() * 4
     del x
-    free_memory()
+    machine.free_memory()
     med = statistics.median(times)
     return {"bytes": nbytes, "median_s": med, "gbs": nbytes / med / 1e9,
             "best_gbs": nbytes / min(times) / 1e9, "times_s": times}
@@ -412,7 +325,7 @@ def time_steps(steps: dict, repeats: int, warmup: int, flush: Flusher,
 
 def peak_extra_rss(step) -> int | None:
     """Rise of peak RSS over the RSS before one call of `step`, in bytes (None if unsupported)."""
-    free_memory()
+    machine.free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -431,7 +344,7 @@ def peak_alloc_profiler(step) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    free_memory()
+    machine.free_memory()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -585,7 +498,7 @@ def run_case(shape_key: str, T: int, args, flush: Flusher, bw_gbs: float) -> dic
         "quantized_source_layers": sources,
         "working_set_mib_fp32": fp32_bytes / MiB,
         "v_group_size": {f"g{G}": v_group(d, G) for _, G in QUANT_CONFIGS},
-        "loadavg": loadavg(), "rows": rows,
+        "loadavg": machine.loadavg(), "rows": rows,
     }
 
     if args.memory:
@@ -632,7 +545,7 @@ def run_case(shape_key: str, T: int, args, flush: Flusher, bw_gbs: float) -> dic
         case["profile"] = prof
 
     del fp32, bf16, quant, steps
-    free_memory()
+    machine.free_memory()
     return case
 
 
@@ -772,9 +685,9 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             cases.append(case)
     total = time.perf_counter() - t0
-    print(f"\ntotal {total:.0f} s; load {loadavg()}")
+    print(f"\ntotal {total:.0f} s; load {machine.loadavg()}")
     if args.json:
-        info["loadavg_at_end"] = loadavg()
+        info["loadavg_at_end"] = machine.loadavg()
         out = {"benchmark": "bench/attention.py", "argv": sys.argv[1:], "machine": info,
                "read_bandwidth": bw, "settings": {
                    "fp_window": R, "quant_configs": QUANT_CONFIGS, "v_group_size": "min(head_dim, G)",

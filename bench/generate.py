@@ -43,14 +43,10 @@ Memory figures (MiB):
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime as _dt
-import gc
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -62,6 +58,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+
 MiB = 1 << 20
 DEFAULT_METHODS = ["fp32", "hf-quanto-4", "hf-quanto-2", "kivi-4", "kivi-2", "kivi-2-g128"]
 
@@ -72,14 +71,7 @@ DEFAULT_METHODS = ["fp32", "hf-quanto-4", "hf-quanto-2", "kivi-4", "kivi-2", "ki
 
 
 def status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return machine.proc_kib("/proc/self/status", key)
 
 
 def rss_mib() -> float | None:
@@ -100,40 +92,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-_libc = None
-
-
-def free_memory() -> None:
-    """Collect garbage and give free malloc memory back to the OS, so that RSS is what is held."""
-    global _libc
-    gc.collect()
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def versions() -> dict:
@@ -217,7 +175,7 @@ def profile_step(model, token, cache, top: int = 8) -> dict:
 @torch.inference_mode()
 def run_once(model, method, ids: torch.Tensor, new_tokens: int, profile: bool) -> dict:
     """Prefill `ids` ``[1, P]`` into a fresh cache of `method`, decode `new_tokens` greedily."""
-    free_memory()
+    machine.free_memory()
     rss_base = rss_mib()
     cache = method.make_cache(model)
     t0 = time.perf_counter()
@@ -225,10 +183,10 @@ def run_once(model, method, ids: torch.Tensor, new_tokens: int, profile: bool) -
     prefill_s = time.perf_counter() - t0
     token = out.logits[:, -1:].argmax(-1)
     del out
-    free_memory()
+    machine.free_memory()
     rss_start = rss_mib()
     can_peak = reset_peak_rss()
-    load_before = loadavg()
+    load_before = machine.loadavg()
     tokens, steps = [], []
     for _ in range(new_tokens):
         tokens.append(int(token))
@@ -249,7 +207,7 @@ def run_once(model, method, ids: torch.Tensor, new_tokens: int, profile: bool) -
         "rss_decode_start_mib": rss_start,
         "peak_rss_mib": peak,
         "loadavg_before_decode": load_before,
-        "loadavg_after_decode": loadavg(),
+        "loadavg_after_decode": machine.loadavg(),
     }
     if hasattr(cache, "nbytes_breakdown"):
         rec["nbytes_breakdown"] = cache.nbytes_breakdown()
@@ -257,7 +215,7 @@ def run_once(model, method, ids: torch.Tensor, new_tokens: int, profile: bool) -
     if profile:
         rec["profile"] = profile_step(model, token, cache)
     del cache, token
-    free_memory()
+    machine.free_memory()
     return rec
 
 
@@ -367,7 +325,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     names = [m.name for m in chosen]
 
-    load_start = loadavg()
+    load_start = machine.loadavg()
     t = time.perf_counter()
     model, tokenizer = model_lib.load_model(progress=False)
     model.set_attn_implementation(torchkvq.hf.ATTN_IMPLEMENTATION)
@@ -400,7 +358,7 @@ def main(argv=None) -> int:
                       f"prefill {rec['prefill_s']:.2f} s, {rec['tokens_per_s']:.2f} tok/s, "
                       f"peak RSS {rec['peak_rss_mib']:.0f} MiB, load {rec['loadavg_after_decode']}",
                       file=sys.stderr)
-    load_end = loadavg()
+    load_end = machine.loadavg()
 
     summary = {str(P): {} for P in prompts}
     for P in prompts:
@@ -413,31 +371,31 @@ def main(argv=None) -> int:
     if args.profile:
         print()
         print(profile_table(summary, max(prompts), names))
-    machine = protocol.machine_info()
-    machine.update({
+    facts = protocol.machine_info()
+    facts.update({
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "omp_wait_policy_set_by_script": OMP_WAIT_POLICY_DEFAULTED,
         "platform": platform.platform(),
-        "torchkvq_commit": git_commit(),
+        "torchkvq_commit": machine.git_commit(),
         "versions": versions(),
         "loadavg_start": load_start,
         "loadavg_end": load_end,
         "loadavg_max_seen": max((l[0] for l in loads if l), default=None),
     })
     print(f"\nloadavg (1, 5, 15 min) at start {load_start}, at end {load_end}, on {os.cpu_count()} "
-          f"CPUs; threads {torch.get_num_threads()}; {machine['cpu']}")
+          f"CPUs; threads {torch.get_num_threads()}; {facts['cpu']}")
     if args.json:
         out = {
             "benchmark": "bench/generate.py",
             "command": cmd,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": machine.now(),
             "settings": {"prompts": prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
                          "methods": names, "offset": args.offset, "text": "wiki",
                          "decode": "manual greedy loop, one token per forward, after a prefill "
                                    "with logits_to_keep=1",
                          "attn_implementation": torchkvq.hf.ATTN_IMPLEMENTATION},
             "model_load_s": load_s,
-            "machine": machine,
+            "machine": facts,
             "descriptions": {m.name: m.description for m in chosen},
             "summary": summary,
             "runs": {str(P): v for P, v in runs.items()},

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as _dt
 import json
 import math
 import os
@@ -37,6 +36,9 @@ import torch  # noqa: E402
 import torchkvq  # noqa: E402
 from torchkvq import reference  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+
 MiB = 1 << 20
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -46,48 +48,17 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def sysfs_l3_mib() -> float | None:
-    """Largest cache level sysfs reports for cpu0, in MiB (a VM may see less than the host)."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    best = None
-    try:
-        entries = [e for e in os.listdir(base) if e.startswith("index")]
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(os.path.join(base, entry, "size")) as f:
-                text = f.read().strip()
-            mult = {"K": 1 / 1024, "M": 1, "G": 1024}.get(text[-1], 1 / MiB)
-            size = float(text.rstrip("KMG")) * mult
-        except (OSError, ValueError, IndexError):
-            continue
-        best = size if best is None else max(best, size)
-    return best
-
-
 def machine_info(device: str) -> dict:
     info = {
-        "cpu_model": cpu_model(),
+        "cpu_model": machine.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "sysfs_llc_mib": sysfs_l3_mib(),
+        "sysfs_llc_mib": machine.llc_mib(),
         "torch_version": torch.__version__,
         "torchkvq_version": torchkvq.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": machine.now(),
         "device": device,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -186,7 +157,7 @@ def run(args) -> dict:
         if device == "cuda":
             cache_mib = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * MiB) / MiB
         else:
-            cache_mib = max(sysfs_l3_mib() or 0, 260.0)
+            cache_mib = max(machine.llc_mib() or 0, 260.0)
     cache = int(cache_mib * MiB)
     gen = torch.Generator(device="cpu").manual_seed(0)
 
