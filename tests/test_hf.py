@@ -16,7 +16,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import torchkvq.hf as kvq_hf  # noqa: E402
 from torchkvq.hf import KVQCache, enable  # noqa: E402
-from torchkvq.policies import KIVI, get_policy  # noqa: E402
+from torchkvq.policies import KIVI, QAQ, get_policy  # noqa: E402
 
 from tiny_models import PAD, VOCAB, random_ids, tiny_config, tiny_model  # noqa: E402
 
@@ -102,20 +102,54 @@ def test_left_padding_row_matches_running_alone():
     n = 16
 
     m = tiny_model()
-    cache = enable(m, KIVI(**KIVI8))
+    # no sinks: only the padding is excluded (sinks in a padded batch: the next test)
+    cache = enable(m, KIVI(**KIVI8, sinks=0))
     out = greedy(m, batch, cache, n, attention_mask=mask)
     s = cache.stores[0]
     assert s.n_quantized >= 32  # the padding sits in quantized blocks
     assert bool(s.q_exclude[0, :npad].all()) and not bool(s.q_exclude[0, npad : s.n_quantized].any())
     assert not bool(s.q_exclude[1, : s.n_quantized].any())
 
-    alone_a = greedy(m, a, KVQCache(m.config, KIVI(**KIVI8)), n)
-    alone_b = greedy(m, b, KVQCache(m.config, KIVI(**KIVI8)), n)
+    alone_a = greedy(m, a, KVQCache(m.config, KIVI(**KIVI8, sinks=0)), n)
+    alone_b = greedy(m, b, KVQCache(m.config, KIVI(**KIVI8, sinks=0)), n)
     assert torch.equal(out[0, batch.shape[1]:], alone_a[0, a.shape[1]:])
     assert torch.equal(out[1, batch.shape[1]:], alone_b[0, b.shape[1]:])
     # and the same as the fp cache alone
     ref_a = greedy(tiny_model(), a, DynamicCache(config=m.config), n)
     assert torch.equal(alone_a, ref_a)
+
+
+@pytest.mark.parametrize("policy", [KIVI, QAQ])
+def test_default_sinks_are_each_rows_first_real_tokens(policy):
+    """With the default 4 sinks, a left-padded batch (row 0 padded by 5) keeps positions 5-8
+    (row 0's first real tokens) and 0-3 (row 1's) in full precision once the window has
+    flushed past them: pinned, excluded from the quantized blocks, and equal to the fp cache's
+    keys and values. With sinks=0 nothing is pinned and only the padding is excluded."""
+    npad, n_prompt = 5, 40
+    ids = random_ids(2, n_prompt, seed=11)
+    ids[0, :npad] = PAD
+    mask = torch.ones_like(ids)
+    mask[0, :npad] = 0
+    m = tiny_model()
+    ref = DynamicCache(config=m.config)
+    greedy(m, ids, ref, 8, attention_mask=mask)
+    enable(m, KIVI())
+    sinks = {0: set(range(npad, npad + 4)), 1: set(range(4))}
+    for kw, pinned in ((dict(), sinks[0] | sinks[1]), (dict(sinks=0), set())):
+        cache = KVQCache(m.config, policy(group_size=8, residual=8, **kw))
+        greedy(m, ids, cache, 8, attention_mask=mask)
+        for store, fp in zip(cache.stores, ref.layers):
+            assert store.n_quantized >= 32 and store.pinned == pinned
+            assert pinned <= set(store.fp_positions)
+            padding = set(range(npad))
+            for row in (0, 1):
+                excluded = set(store.q_exclude[row, : store.n_quantized].nonzero().flatten().tolist())
+                assert excluded == (padding if row == 0 else set()) | pinned
+            keys, values, _ = store.dequantized()  # the pinned copy wins over the 2-bit one
+            for row, first in sinks.items():
+                at = sorted(first & pinned)
+                torch.testing.assert_close(keys[row, :, at], fp.keys[row, :, at], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(values[row, :, at], fp.values[row, :, at], rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_is_seeded_and_deterministic():

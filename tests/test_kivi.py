@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchkvq.policies import KIVI, REGISTRY, Policy, get_policy
+from torchkvq.policies import DEFAULT_SINKS, KIVI, REGISTRY, Policy, get_policy
 
 
 def rnd(shape, seed):
@@ -72,13 +72,13 @@ def test_window_and_blocks(chunks, kb, vb):
 
 
 def test_prefill_tail_stays_full_precision():
-    p = KIVI(key_bits=2, value_bits=2, group_size=32, residual=128)
+    p = KIVI(key_bits=2, value_bits=2, group_size=32, residual=128, sinks=0)  # the window alone
     store = feed(p, [200])
     assert store.n_quantized == 64  # (200 - 128) // 32 = 2 blocks
     assert store.fp_positions == list(range(64, 200))
     store = feed(p, [159])  # shorter than R + G: nothing is quantized
     assert store.n_quantized == 0 and store.fp_positions == list(range(159))
-    p0 = KIVI(key_bits=4, value_bits=4, group_size=16, residual=0)
+    p0 = KIVI(key_bits=4, value_bits=4, group_size=16, residual=0, sinks=0)
     store = feed(p0, [70])  # R = 0: everything but the tail that does not fill a block
     assert store.n_quantized == 64 and store.fp_positions == list(range(64, 70))
 
@@ -95,6 +95,14 @@ def test_sinks_are_pinned_and_attended_in_full_precision():
     out = store.attend(q)[0]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sinks_default_to_four():
+    assert KIVI().sinks == DEFAULT_SINKS == 4
+    p = KIVI(key_bits=2, value_bits=2, group_size=16, residual=16)
+    store = feed(p, [40, 1, 1])
+    assert store.n_quantized == 16 and store.pinned == {0, 1, 2, 3}
+    assert not feed(KIVI(key_bits=2, value_bits=2, group_size=16, residual=16, sinks=0), [40, 1, 1]).pinned
 
 
 @given(
@@ -135,8 +143,8 @@ def test_batch_and_dtypes():
     (dict(value_bits=16), r"value_bits must be in \[1, 8\], got 16"),
     (dict(group_size=12), "group_size must be a positive multiple of 8, got 12"),
     (dict(group_size=0), "group_size must be a positive multiple of 8"),
-    (dict(residual=-1), "residual and sinks must be >= 0"),
-    (dict(sinks=-2), "residual and sinks must be >= 0"),
+    (dict(residual=-1), "KIVI: residual must be >= 0, got -1"),
+    (dict(sinks=-2), r"KIVI: sinks must be >= 0 \(0 keeps no attention sinks\), got -2"),
 ])
 def test_validate_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -153,6 +161,7 @@ def test_names_and_registry():
         assert isinstance(p, Policy) and p.name == name.removesuffix("-g128")
         p.validate()
         assert p.window_dtype == torch.float16
+        assert p.sinks == DEFAULT_SINKS
     assert get_policy("kivi-2") is not get_policy("kivi-2")  # a fresh policy each time
     g128 = get_policy("kivi-2-g128")
     assert (g128.group_size, g128.value_group_size) == (128, 64)

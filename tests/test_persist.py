@@ -2,10 +2,11 @@
 
 (a) a store round-trips exactly: every tensor (capacity included), the bookkeeping, what it
     reconstructs and what attention returns;
-(b) a cache of each policy (KIVI with sinks, LogQuant, QAQ with outliers and its attention
-    history) round-trips: stores and policy state equal, and greedy decoding continues with the
-    same tokens and bit-identical logits from the original and from the restored cache (tiny
-    model; and the real model through ``generate`` with a restored prompt prefix);
+(b) a cache of each policy (KIVI with sinks, LogQuant, QAQ with outliers, its default sinks
+    and its attention history) round-trips: stores and policy state equal, and greedy decoding
+    continues with the same tokens and bit-identical logits from the original and from the
+    restored cache (tiny model; and the real model through ``generate`` with a restored prompt
+    prefix);
 (c) a truncated file, a flipped byte anywhere, another format version, another model's config,
     another policy and a file that is not a torchkvq cache each raise a clear ValueError.
 """

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from torchkvq.policies import QAQ
+from torchkvq.policies import DEFAULT_SINKS, QAQ
 from torchkvq.policies.qaq import QAQState
 from torchkvq.store import Outliers
 
@@ -123,13 +123,18 @@ def test_sinks_stay_in_full_precision_and_do_not_widen_their_block():
     without_sinks[:2] = 0
     want = _expected_widths(policy, keys[:, :, :32], values[:, :, :32], without_sinks[:32], 1.0, 96, Outliers())
     assert policy._block_bits(store, st, 0) == want
-    unpinned = QAQ(value_error=2.0, min_bits=1, max_bits=8, residual=32, group_size=32, outlier_fraction=0.0)
+    unpinned = QAQ(value_error=2.0, min_bits=1, max_bits=8, residual=32, group_size=32, sinks=0,
+                   outlier_fraction=0.0)
     plain, _, _ = _store_with_window(unpinned)  # the same tokens, nothing pinned
     assert unpinned._block_bits(plain, st, 0)[1] > want[1]  # the sinks' attention would widen it
     store.quantize_blocks([want])
     assert {0, 1} <= set(store.fp_positions) and store.q_exclude[0, :2].all()
     k_hat, _, _ = store.dequantized()
     torch.testing.assert_close(k_hat[:, :, :2], keys[:, :, :2])
+
+
+def test_sinks_default_to_four():
+    assert QAQ().sinks == DEFAULT_SINKS == 4
 
 
 def test_sinks_are_pinned_when_the_prefill_is_observed_first():
@@ -152,7 +157,7 @@ def test_sinks_are_pinned_when_the_prefill_is_observed_first():
     (dict(outlier_fraction=0.6), "outlier_fraction"),
     (dict(value_error=0.0), "value_error"),
     (dict(value_outlier_fraction=0.5), "value_outlier_fraction"),
-    (dict(sinks=-1), "sinks"),
+    (dict(sinks=-1), r"QAQ: sinks must be >= 0 \(0 keeps no attention sinks\), got -1"),
 ])
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -170,6 +175,7 @@ def test_registered_configurations():
         assert isinstance(p, QAQ) and p.window_dtype == torch.float16
         store = p.make_store(1, 3, 64, torch.float32, "cpu")
         assert store.group_size == p.group_size
-    assert get_policy("qaq-sink").sinks == 1 and get_policy("qaq").sinks == 0
+    assert get_policy("qaq").sinks == get_policy("qaq-no-outliers").sinks == DEFAULT_SINKS
+    assert get_policy("qaq-sink").sinks == get_policy("qaq-g64-r32-sink").sinks == 1
     g64 = get_policy("qaq-g64-r32-sink")
     assert (g64.group_size, g64.value_group_size, g64.residual, g64.outlier_fraction) == (64, 64, 32, 0.0)

@@ -57,7 +57,8 @@ def test_write_tokens_bad_input(change, match):
 
 def _store(policy, B=1, H=2, D=64, tokens=512):
     s = policy.make_store(B, H, D, torch.float32, "cpu")
-    s.reserve(tokens, policy.residual + policy.group_size + 1)
+    # exactly enough: a window of up to R + G tokens before a flush, plus the pinned sinks
+    s.reserve(tokens, policy.residual + policy.group_size + policy.sinks)
     return s
 
 
@@ -76,6 +77,7 @@ def _run(backend, steps=70, seed=0):
         q, k, v = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)
         torch.testing.assert_close(compiled.step(q, k, v), eager.step(q, k, v), atol=1e-5, rtol=1e-5)
     assert compiled_store.n_quantized >= 64  # blocks were quantized between compiled steps
+    assert compiled_store.pinned == set(range(policy.sinks))  # the sinks outlived their block
     assert (compiled_store.k_codes.data_ptr(), compiled_store.k_fp.data_ptr()) == addresses
 
 

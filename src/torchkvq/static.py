@@ -35,7 +35,10 @@ class StaticDecoder:
     """Decode steps over a reserved store with a compiled :func:`decode_core`.
 
     Args:
-        store: a store on which :meth:`KVStore.reserve` was called (it must not grow).
+        store: a store on which :meth:`KVStore.reserve` was called (it must not grow). A KIVI
+            store needs ``residual + group_size`` full-precision slots for its window (R..R+G-1
+            tokens between steps, one more during a step) plus one per pinned sink: ``sinks``
+            for a batch without padding, up to ``batch * sinks`` for rows padded differently.
         policy, state: the policy driving the store and its per-layer state; the policy runs
             after each step, in eager mode.
         compile: a ``torch.compile`` keyword dict (``fullgraph=True`` is always set), or None to
@@ -43,7 +46,7 @@ class StaticDecoder:
 
     Example:
         >>> store = policy.make_store(1, 8, 128, torch.float32, "cpu")   # doctest: +SKIP
-        >>> store.reserve(tokens=4096, fp_tokens=policy.residual + policy.group_size)  # doctest: +SKIP
+        >>> store.reserve(tokens=4096, fp_tokens=policy.residual + policy.group_size + policy.sinks)  # doctest: +SKIP
         >>> dec = StaticDecoder(store, policy, policy.new_state(), compile={"backend": "inductor"})  # doctest: +SKIP
         >>> out = dec.step(q, k, v)   # q [1, 32, 1, 128], k/v [1, 8, 1, 128]  # doctest: +SKIP
     """

@@ -6,14 +6,16 @@ from typing import Callable
 
 import torch
 
-from .base import Policy
+from .base import DEFAULT_SINKS, Policy
 from .kivi import KIVI
 from .logquant import LogQuant
 from .qaq import QAQ
 from .xquant import XQuant, XQuantCL
 
 #: Named configurations, as ``torchkvq eval`` and the benchmarks refer to them. Full-precision
-#: tokens are held in fp16 so that byte figures compare with an fp16 cache on equal terms.
+#: tokens are held in fp16 so that byte figures compare with an fp16 cache on equal terms. KIVI
+#: and QAQ keep their default attention sinks (:data:`DEFAULT_SINKS` per row) unless a name says
+#: otherwise; LogQuant always keeps position 0 by its own rule.
 REGISTRY: dict[str, Callable[[], Policy]] = {
     "kivi-4": lambda: KIVI(key_bits=4, value_bits=4, window_dtype=torch.float16),
     "kivi-2": lambda: KIVI(key_bits=2, value_bits=2, window_dtype=torch.float16),
@@ -55,4 +57,4 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Policy", "KIVI", "LogQuant", "QAQ", "XQuant", "XQuantCL", "REGISTRY", "get_policy"]
+__all__ = ["Policy", "DEFAULT_SINKS", "KIVI", "LogQuant", "QAQ", "XQuant", "XQuantCL", "REGISTRY", "get_policy"]

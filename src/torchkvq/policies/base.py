@@ -15,6 +15,11 @@ import torch
 
 from ..store import KVStore, Outliers
 
+#: Attention sinks KIVI and QAQ keep in full precision by default: each batch row's first real
+#: tokens draw a large share of every query's attention, so their quantization error reaches
+#: every output (StreamingLLM, arXiv 2309.17453, keeps 4). One constant so the policies agree.
+DEFAULT_SINKS = 4
+
 
 class Policy(ABC):
     """Base class of cache policies. Subclasses are small dataclasses of hyper-parameters.

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..store import KVStore, Outliers
-from .base import Policy
+from .base import DEFAULT_SINKS, Policy
 
 
 @dataclass
@@ -59,9 +59,14 @@ class QAQ(Policy):
     torchkvq keeps every token in full precision for its first `residual` steps (at least
     `attention_window`), so its width is decided from a full attention window, and then
     quantizes it once. Widths are per block of `group_size` tokens (shared by heads and batch):
-    a block gets the widest width any of its tokens needs. The first `sinks` tokens (attention
-    sinks) can be kept in full precision for good; their quantized copies are never attended to,
-    so their attention does not widen their block.
+    a block gets the widest width any of its tokens needs.
+
+    Attention sinks: the first `sinks` tokens (default ``policies.DEFAULT_SINKS`` = 4) are
+    pinned in full precision for good, counted per batch row - each row's first real tokens,
+    after its left padding - exactly as in :class:`KIVI`, at the same cost (``2 * batch *
+    kv_heads * head_dim`` elements of `window_dtype` and an int64 position per row for each
+    pinned position per layer, a constant). Their quantized copies are never attended to, so
+    their attention does not widen their block. ``sinks=0`` turns them off.
 
     Args:
         key_error, value_error: the budgets (smaller: more bits).
@@ -70,7 +75,7 @@ class QAQ(Policy):
         residual: steps a token stays in full precision before it is quantized.
         outlier_fraction: fraction of each vector kept exactly (0 disables outliers).
         value_outlier_fraction: the same for values only (None: `outlier_fraction`).
-        sinks: leading tokens kept in full precision.
+        sinks: leading tokens of each row kept in full precision (>= 0; 0: none).
         query_percentile: percentile of |q|^2 used by the key budget.
     """
 
@@ -82,7 +87,7 @@ class QAQ(Policy):
     residual: int = 128
     outlier_fraction: float = 0.01
     value_outlier_fraction: float | None = None
-    sinks: int = 0
+    sinks: int = DEFAULT_SINKS
     query_percentile: float = 0.9
     group_size: int = 32
     value_group_size: int | None = None
@@ -108,7 +113,7 @@ class QAQ(Policy):
             raise ValueError("QAQ: outlier_fraction and value_outlier_fraction must be in [0, 0.5) "
                              "and query_percentile in (0, 1]")
         if self.sinks < 0:
-            raise ValueError(f"QAQ: sinks must be >= 0, got {self.sinks}")
+            raise ValueError(f"QAQ: sinks must be >= 0 (0 keeps no attention sinks), got {self.sinks}")
         if self.key_error <= 0 or self.value_error <= 0:
             raise ValueError("QAQ: key_error and value_error must be > 0")
 
