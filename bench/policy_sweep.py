@@ -42,10 +42,12 @@ from torchkvq.policies import KIVI, QAQ, REGISTRY, LogQuant, Policy  # noqa: E40
 
 F16 = torch.float16
 
-#: Candidate configurations (name -> factory), on top of the registry's.
+#: Candidate configurations (name -> factory), on top of the registry's. KIVI and QAQ keep their
+#: default 4 attention sinks unless a name says otherwise (``-s1``: one sink, ``-s0``: none).
 CONFIGS: dict[str, Callable[[], Policy]] = {
     **REGISTRY,
-    # KIVI with a sink and a smaller window, for reference points at higher compression
+    # KIVI with smaller windows (some with 64-token groups, 4-bit keys, one sink), for reference
+    # points at higher compression
     "kivi-2-r32": lambda: KIVI(key_bits=2, value_bits=2, residual=32, window_dtype=F16),
     "kivi-2-g64-r32": lambda: KIVI(key_bits=2, value_bits=2, group_size=64, value_group_size=64,
                                    residual=32, window_dtype=F16),
@@ -66,6 +68,7 @@ CONFIGS: dict[str, Callable[[], Policy]] = {
     "qaq-k-outliers": lambda: QAQ(key_error=2.0, value_error=8.0, value_outlier_fraction=0.0,
                                   window_dtype=F16),
     "qaq-s1": lambda: QAQ(key_error=2.0, value_error=8.0, sinks=1, window_dtype=F16),
+    "qaq-s0": lambda: QAQ(key_error=2.0, value_error=8.0, sinks=0, window_dtype=F16),
     "qaq-min1": lambda: QAQ(key_error=2.0, value_error=8.0, min_bits=1, window_dtype=F16),
     "qaq-g64-r32": lambda: QAQ(key_error=2.0, value_error=8.0, group_size=64, value_group_size=64,
                                residual=32, outlier_fraction=0.0, window_dtype=F16),

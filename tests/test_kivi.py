@@ -154,14 +154,15 @@ def test_validate_errors(kwargs, match):
 def test_names_and_registry():
     assert KIVI(key_bits=2, value_bits=2).name == "kivi-2"
     assert KIVI(key_bits=4, value_bits=2).name == "kivi-k4v2"
-    kivi = {"kivi-2", "kivi-4", "kivi-2-g128"}
+    kivi = {"kivi-2", "kivi-4", "kivi-2-g128", "kivi-2-no-sinks"}
     assert set(REGISTRY) >= kivi
     for name in sorted(kivi):
         p = get_policy(name)
-        assert isinstance(p, Policy) and p.name == name.removesuffix("-g128")
+        assert isinstance(p, Policy) and p.name == name.removesuffix("-g128").removesuffix("-no-sinks")
         p.validate()
         assert p.window_dtype == torch.float16
-        assert p.sinks == DEFAULT_SINKS
+        assert p.sinks == (0 if name.endswith("-no-sinks") else DEFAULT_SINKS)
+    assert get_policy("kivi-2-no-sinks") == KIVI(key_bits=2, value_bits=2, sinks=0, window_dtype=torch.float16)
     assert get_policy("kivi-2") is not get_policy("kivi-2")  # a fresh policy each time
     g128 = get_policy("kivi-2-g128")
     assert (g128.group_size, g128.value_group_size) == (128, 64)

@@ -168,7 +168,7 @@ def test_registered_configurations():
     from torchkvq.policies import REGISTRY, get_policy
 
     qaq = [n for n in REGISTRY if n.startswith("qaq")]
-    assert {"qaq", "qaq-no-outliers", "qaq-sink", "qaq-g64-r32-sink"} <= set(qaq)
+    assert {"qaq", "qaq-no-outliers", "qaq-g64-r32-sink"} <= set(qaq)
     for name in qaq:
         p = get_policy(name)
         p.validate()
@@ -176,6 +176,6 @@ def test_registered_configurations():
         store = p.make_store(1, 3, 64, torch.float32, "cpu")
         assert store.group_size == p.group_size
     assert get_policy("qaq").sinks == get_policy("qaq-no-outliers").sinks == DEFAULT_SINKS
-    assert get_policy("qaq-sink").sinks == get_policy("qaq-g64-r32-sink").sinks == 1
+    assert get_policy("qaq-g64-r32-sink").sinks == 1
     g64 = get_policy("qaq-g64-r32-sink")
     assert (g64.group_size, g64.value_group_size, g64.residual, g64.outlier_fraction) == (64, 64, 32, 0.0)
