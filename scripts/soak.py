@@ -51,7 +51,7 @@ def predicted_in_use(s: KVStore) -> int:
     """Bytes in use by the formulas of docs/store.md, from the store's public state only."""
     B, H, D, G, vg = s.batch_size, s.kv_heads, s.head_dim, s.group_size, s.value_group_size
     blocks = s.block_bits
-    q, f = len(blocks) * G, len(s.fp_positions)
+    q, f = len(blocks) * G, len(s.fp_positions)  # fp slots: the window and the pinned tokens (sinks)
     sb, eb = esize(s.scale_dtype), esize(s.dtype)
     codes = B * H * sum(G * D * (kb + vb) // 8 for kb, vb in blocks)
     scales = 2 * sb * B * H * (len(blocks) * D + q * (D // vg))  # key: per block+channel; value: per token+group
