@@ -6,9 +6,11 @@ tokens it checks and records:
 
 * **finite output**: every step's logits are finite (checked at every step);
 * **bytes as predicted**: the bytes in use, recomputed here from each store's public state
-  (blocks x their widths, scales and zero points, outliers, full-precision tokens, bookkeeping;
-  the formulas of docs/store.md) equal the store's own accounting; the bytes allocated (every
-  tensor the stores hold, walked through ``vars()``) equal ``cache.nbytes()`` and stay below
+  (KIVI, LogQuant, QAQ: blocks x their widths, scales and zero points, outliers, full-precision
+  tokens, bookkeeping, the formulas of docs/store.md; XQuant: per-token codes, scales and zero
+  points, the window and the token index, docs/xquant.md) equal the store's own accounting; the
+  bytes allocated (every tensor the stores hold, walked through ``vars()``) equal
+  ``cache.nbytes()`` and stay below
   1.25 x in use plus the full-precision slack the store keeps; the bytes added per quantized
   token over the run are reported (docs/reliability.md compares them with the formula);
 * **no leak**: the process RSS minus the bytes the cache holds stays flat after warm-up (its
@@ -35,8 +37,8 @@ import torch
 from tqdm import tqdm
 
 from torchkvq.eval import corpus, model as eval_model
-from torchkvq.hf import enable
-from torchkvq.policies import REGISTRY, get_policy
+from torchkvq.hf import XQuantCache, enable
+from torchkvq.policies import REGISTRY, Policy, get_policy
 from torchkvq.store import KVStore
 
 LEAK_BYTES_PER_TOKEN = 256  # RSS beyond the cache's own growth; the cache grows ~4 KB/token
@@ -45,6 +47,13 @@ GROWTH = 1.25
 
 def esize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def held(obj) -> int:
+    """Bytes of every tensor `obj` holds in its attributes (or in tuples of them), found without
+    the object's own accounting."""
+    ts = [t for v in vars(obj).values() for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def predicted_in_use(s: KVStore) -> int:
@@ -61,9 +70,69 @@ def predicted_in_use(s: KVStore) -> int:
     return codes + scales + outliers + fp + bookkeeping
 
 
-def allocated(s: KVStore) -> int:
-    """Every tensor the store holds, found without the store's own list."""
-    return sum(t.numel() * t.element_size() for t in vars(s).values() if isinstance(t, torch.Tensor))
+class KVStoreBytes:
+    """The byte checks of a KVQCache: one KVStore per layer (docs/store.md's formulas)."""
+
+    def __init__(self, cache) -> None:
+        self.stores = cache.stores
+
+    def in_use(self) -> int:
+        return sum(predicted_in_use(s) for s in self.stores)
+
+    def allocated(self) -> int:
+        return sum(held(s) for s in self.stores)
+
+    def tokens(self) -> tuple[int, int, int]:
+        """(tokens held, quantized, full precision) of the first layer."""
+        s = self.stores[0]
+        return s.n_tokens, s.n_quantized, len(s.fp_positions)
+
+    def fp_token_bytes(self) -> int:
+        """One full-precision token in every layer (key and value), its position included."""
+        return sum(2 * s.batch_size * s.kv_heads * s.head_dim * esize(s.dtype) + 8 * s.batch_size for s in self.stores)
+
+    def slack(self) -> int:
+        """Full-precision capacity the stores may keep beyond one growth step: up to the slots in
+        use plus 64 per layer."""
+        return sum(2 * s.batch_size * s.kv_heads * s.head_dim * esize(s.dtype) * (len(s.fp_positions) + 64)
+                   for s in self.stores)
+
+
+class XStoreBytes:
+    """The byte checks of an XQuantCache: per layer one XStore per stream (X, its two latents, or
+    XQuant-CL's delta), plus the token index every layer shares. Between steps the rotary tables
+    and XQuant-CL's accumulator are released, so they are not part of the bytes in use here; if a
+    step left them held, the store's accounting and this one differ and the check fails."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        self.xstores = [x for s in cache.stores for x in s.stores]
+
+    def in_use(self) -> int:
+        total = 0
+        for x in self.xstores:
+            B, q, w = x.batch_size, x.n_quantized, x.n_tokens - x.n_quantized
+            total += B * q * x.width * x.bits // 8  # codes
+            total += 2 * B * q * (x.width // x.group_size) * esize(x.scale_dtype)  # scales and zeros
+            total += B * w * x.width * esize(x.window_dtype)  # window
+        t = self.cache.tokens
+        return total + t.batch_size * t.n * (8 + 1)  # int64 position and bool padding flag per token
+
+    def allocated(self) -> int:
+        acc = self.cache.accumulator
+        return sum(held(x) for x in self.xstores) + held(self.cache.tokens) + (held(acc) if acc is not None else 0)
+
+    def tokens(self) -> tuple[int, int, int]:
+        x = self.xstores[0]
+        return x.n_tokens, x.n_quantized, x.n_tokens - x.n_quantized
+
+    def fp_token_bytes(self) -> int:
+        return sum(x.batch_size * x.width * esize(x.window_dtype) for x in self.xstores)
+
+    def slack(self) -> int:
+        """The window keeps up to twice its tokens plus 64 before it gives capacity back."""
+        return sum(x.batch_size * x.width * esize(x.window_dtype) * (x.n_tokens - x.n_quantized + 64)
+                   for x in self.xstores)
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -98,9 +167,10 @@ def summarize(rows: list[dict], warmup: int) -> dict:
 
 
 def soak(m, prompt: torch.Tensor, name: str, tokens: int, every: int, warmup: int,
-         on_check=lambda rows: None) -> dict:
-    policy = get_policy(name)
-    cache = enable(m, policy)
+         on_check=lambda rows: None, policy: Policy | None = None) -> dict:
+    """Decode `tokens` steps after `prompt` ``[1, P]`` with the registry's policy `name` (or
+    `policy`, reported as `name`), checking as the module says; returns every figure."""
+    cache = enable(m, policy if policy is not None else get_policy(name))
     proc = psutil.Process()
     rows, failures = [], []
     t0 = time.perf_counter()
@@ -116,32 +186,26 @@ def soak(m, prompt: torch.Tensor, name: str, tokens: int, every: int, warmup: in
                 token = logits.argmax(-1, keepdim=True)
                 if step % every and step != tokens:
                     continue
-                stores = cache.stores
-                in_use = sum(predicted_in_use(s) for s in stores)
+                acct = (XStoreBytes if isinstance(cache, XQuantCache) else KVStoreBytes)(cache)
+                in_use, alloc = acct.in_use(), acct.allocated()
                 br = cache.nbytes_breakdown()
-                alloc = sum(allocated(s) for s in stores)
+                n_tokens, n_quantized, n_fp = acct.tokens()
                 row = {
-                    "step": step, "tokens": stores[0].n_tokens, "nbytes": cache.nbytes(),
+                    "step": step, "tokens": n_tokens, "nbytes": cache.nbytes(),
                     "allocated": alloc, "in_use": in_use, "store_in_use": cache.nbytes() - br["reserved"],
-                    "quantized_tokens": stores[0].n_quantized, "fp_tokens": len(stores[0].fp_positions),
+                    "quantized_tokens": n_quantized, "fp_tokens": n_fp, "fp_token_bytes": acct.fp_token_bytes(),
+                    "fp16_bytes_per_token": cache.fp16_nbytes() / n_tokens,
                     "rss": proc.memory_info().rss, "gc_objects": len(gc.get_objects()),
                     "seconds": time.perf_counter() - t0,
                 }
-                row["fp_token_bytes"] = sum(  # one full-precision token in every layer, position included
-                    2 * st.batch_size * st.kv_heads * st.head_dim * esize(st.dtype) + 8 * st.batch_size
-                    for st in stores)
-                row["fp16_bytes_per_token"] = cache.fp16_nbytes() / row["tokens"]
                 rows.append(row)
                 on_check(rows)
                 if row["in_use"] != row["store_in_use"]:
                     failures.append(f"step {step}: in use {in_use} by the formulas, {row['store_in_use']} by the store")
                 if alloc != row["nbytes"]:
                     failures.append(f"step {step}: tensors hold {alloc} bytes, nbytes() says {row['nbytes']}")
-                # capacity: at most one growth step beyond what is in use (plus the fp slack the
-                # store keeps, bounded by twice the slots in use plus 64 per layer)
-                slack = sum(2 * s.batch_size * s.kv_heads * s.head_dim * esize(s.dtype) * (len(s.fp_positions) + 64)
-                            for s in stores)
-                if alloc > GROWTH * in_use + slack:
+                # capacity: at most one growth step beyond what is in use, plus the fp slack
+                if alloc > GROWTH * in_use + acct.slack():
                     failures.append(f"step {step}: {alloc} bytes allocated for {in_use} in use")
     finally:
         m.set_attn_implementation("sdpa")
