@@ -185,12 +185,15 @@ def test_cl_layers_out_of_order_raise(tiny):
 # ---------------------------------------------------------------------------------------------
 
 
+def _held(obj) -> int:
+    """Bytes of every tensor an object holds, in attributes or tuples of them (not its own count)."""
+    ts = [t for v in vars(obj).values() for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
 def _tensors(cache: XQuantCache) -> int:
-    total = cache.tokens.nbytes() + cache.accumulator.nbytes() if cache.accumulator else cache.tokens.nbytes()
-    for s in cache.stores:
-        for st in s.stores:
-            total += sum(t.numel() * t.element_size() for t in vars(st).values() if isinstance(t, torch.Tensor))
-    return total
+    total = _held(cache.tokens) + (_held(cache.accumulator) if cache.accumulator else 0)
+    return total + sum(_held(st) for s in cache.stores for st in s.stores)
 
 
 @pytest.mark.parametrize("policy", [XQuant(bits=3, group_size=16, residual=8, block=8, mode="latent"),
@@ -209,6 +212,10 @@ def test_nbytes_consistent(tiny, policy):
     assert br["scales"] == L * B * Q * (width // G) * 2 * 2  # fp16 scale + zero per group
     assert br["fp_window"] == L * B * 15 * width * 2  # 79 - 64 tokens in fp16
     assert br["bookkeeping"] == B * 79 * (8 + 1)
+    assert br["rotary_tables"] == 0  # the last layer released this step's cos/sin
+    assert cache.tokens.tables(79)[0].shape == (B, 79, 16)  # head_dim 16: a step holds 2 x 16 fp32 per token
+    assert cache.nbytes_breakdown()["rotary_tables"] == B * 79 * 2 * 16 * 4
+    assert cache.nbytes() == _tensors(cache)
     assert cache.fp16_nbytes() == L * B * 79 * 2 * 2 * 32
 
 

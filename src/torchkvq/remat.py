@@ -9,8 +9,10 @@ time it rebuilds this layer's keys (RoPE at each token's position) and values fr
 Memory, honestly: rematerialization builds full-precision keys ``[batch, tokens, kv_dim]`` (and
 values, unless they are absorbed) of ONE layer at a time during that layer's attention, a
 temporary the size of that layer's fp cache; XQuant-CL additionally holds a float32 accumulator
-``[batch, quantized tokens, hidden]`` during a forward pass (released after the last layer's
-attention). The persistent cache is only what the XStores hold.
+``[batch, quantized tokens, hidden]`` during a forward pass, and every variant the rotary tables
+(cos and sin ``[batch, tokens, head_dim]`` float32, computed once per step for all layers); both
+are released after the last layer's attention and counted by the cache while held. The
+persistent cache is only what the XStores hold and the token index.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class LayerWeights:
 
 class TokenIndex:
     """Per-cache token bookkeeping shared by every layer: each token's RoPE position and whether
-    it is padding, plus the rotary tables of the current step (computed once for all layers)."""
+    it is padding, plus the rotary tables of the current step (computed once for all layers,
+    released by the last layer: :meth:`release_tables`)."""
 
     def __init__(self, batch_size: int, rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                  device: torch.device | str) -> None:
@@ -115,8 +118,18 @@ class TokenIndex:
             self._tables = (n, cos.contiguous(), sin.contiguous())
         return self._tables[1], self._tables[2]
 
+    def release_tables(self) -> None:
+        """Drop the current step's rotary tables (the last layer has used them): between steps they
+        would hold 2 x head_dim float32 per token for nothing."""
+        self._tables = None
+
     def nbytes(self) -> int:
+        """Bytes of the positions and padding flags."""
         return sum(t.numel() * t.element_size() for t in (self.positions, self.valid))
+
+    def tables_nbytes(self) -> int:
+        """Bytes of the rotary tables while a step holds them (0 between steps)."""
+        return 0 if self._tables is None else sum(t.numel() * t.element_size() for t in self._tables[1:])
 
 
 class Accumulator:
@@ -168,7 +181,7 @@ class RematStore:
         accumulator: XQuant-CL's shared :class:`Accumulator` (then the single stream holds the
             residual stream's deltas and `norm` turns the accumulated residual into X).
         norm: the layer's input norm (XQuant-CL only).
-        last: whether this is the model's last layer (it releases the accumulator).
+        last: whether this is the model's last layer (it releases the accumulator and the rotary tables).
     """
 
     def __init__(self, layer: int, weights: LayerWeights, tokens: TokenIndex, stores: list[XStore],
@@ -300,8 +313,10 @@ class RematStore:
             out = self._fused(query, K.contiguous(), V.contiguous(), pos, scale, causal)
         else:
             out = self._absorbed(query, K, cos, sin, valid, scale, causal)
-        if self.accumulator is not None and self.last:
-            self.accumulator.release()
+        if self.last:
+            self.tokens.release_tables()
+            if self.accumulator is not None:
+                self.accumulator.release()
         return out
 
     def _fused(self, query, K, V, pos, scale, causal):

@@ -204,7 +204,8 @@ class XQuantCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held: every layer's codes, scales, zeros and window, the shared positions and
-        padding flags, and XQuant-CL's accumulator while it is held."""
+        padding flags, and, while a forward pass holds them, the rotary tables and XQuant-CL's
+        accumulator."""
         return sum(self.nbytes_breakdown().values())
 
     def nbytes_breakdown(self) -> dict[str, int]:
@@ -213,6 +214,7 @@ class XQuantCache(Cache):
             for k, v in s.nbytes_breakdown().items():
                 total[k] = total.get(k, 0) + v
         total["bookkeeping"] = self.tokens.nbytes() if self.tokens is not None else 0
+        total["rotary_tables"] = self.tokens.tables_nbytes() if self.tokens is not None else 0
         total["accumulator"] = self.accumulator.nbytes() if self.accumulator is not None else 0
         return total
 
