@@ -41,7 +41,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 import torchkvq.hf as kvq_hf  # noqa: E402
-from torchkvq.policies import KIVI, QAQ, REGISTRY, LogQuant, Policy, XQuant  # noqa: E402
+from torchkvq.policies import KIVI, QAQ, REGISTRY, LogQuant, Policy, XQuant, XQuantCL  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The policy axis: one line per policy (name -> factory of a fresh policy). Every family x policy
@@ -53,6 +53,20 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "kivi-8": lambda: KIVI(key_bits=8, value_bits=8, group_size=32, residual=32),
     "logquant-8": lambda: LogQuant(bits=8, window=16, group_size=32),
     "qaq-8": lambda: QAQ(min_bits=8, max_bits=8, residual=32, group_size=32),
+}
+
+# XQuant caches the layer input and rebuilds keys as RoPE(X·W_k + b): it serves full-attention,
+# Llama-layout decoders whose keys are exactly that, and refuses the rest with these reasons.
+XQUANT_POLICIES: dict[str, Callable[[], Policy]] = {
+    "xquant-8": lambda: XQuant(bits=8, group_size=32, residual=32, block=32),
+    "xquant-cl-8": lambda: XQuantCL(bits=8, group_size=32, residual=32, block=32, first_layers=0),
+}
+_SLIDING, _LAYOUT = "XQuant serves full-attention decoders only", "is not a Llama-style decoder"
+XQUANT_REFUSES = {
+    "mistral-sliding": _SLIDING, "qwen2-sliding": _SLIDING, "ministral": _SLIDING, "gemma2": _SLIDING,
+    "gpt_oss": _SLIDING, "gemma3": _SLIDING, "qwen3": r"normalizes its keys \(self_attn\.k_norm",
+    "phi3": _LAYOUT, "gpt2": _LAYOUT, "opt": _LAYOUT, "gpt_neox": _LAYOUT, "olmo2": _LAYOUT,
+    "phi": r"rotates 40 of its 80 key channels \(partial rotary\)",
 }
 
 VOCAB = 256
@@ -340,6 +354,23 @@ def test_generate_matches_fp_cache(family, policy):
     assert got.sequences.shape == (1, PROMPT + NEW_TOKENS)
     assert_quantized(cache)
     assert cache.get_seq_length() == PROMPT + NEW_TOKENS - 1
+    assert_greedy_matches_fp(model, got, ref, TOL_8BIT)
+
+
+@pytest.mark.parametrize("policy", list(XQUANT_POLICIES))
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_xquant_generate_matches_fp_cache_or_refuses(family, policy):
+    """XQuant and XQuant-CL at 8 bits follow the fp model on every family they serve (every layer
+    holds quantized tokens); on the others building the cache raises, naming the reason, before
+    anything is patched or stored."""
+    model, ids, ref = build(family.id)
+    if family.id in XQUANT_REFUSES:
+        with pytest.raises(NotImplementedError, match=XQUANT_REFUSES[family.id]):
+            kvq_hf.new_cache(model, XQUANT_POLICIES[policy]())
+        return
+    cache = kvq_hf.new_cache(model, XQUANT_POLICIES[policy]())
+    got = generate(model, ids, cache)
+    assert len(cache.stores) == 2 and all(s.n_quantized >= PROMPT - 64 for s in cache.stores)
     assert_greedy_matches_fp(model, got, ref, TOL_8BIT)
 
 

@@ -40,6 +40,29 @@ def _decoder_layers(model) -> list:
     return list(layers)
 
 
+def _check_keys_are_rope_of_projection(model, layers: list) -> None:
+    """XQuant rebuilds each key as RoPE(X·W_k + b) over the whole head; refuse models whose keys
+    are anything else rather than attend over wrong keys."""
+    normed = [i for i, l in enumerate(layers) if getattr(l.self_attn, "k_norm", None) is not None]
+    if normed:
+        raise NotImplementedError(
+            f"XQuant: {type(model).__name__} normalizes its keys (self_attn.k_norm, QK-norm, in layers "
+            f"{normed[:4]}{'...' if len(normed) > 4 else ''}); rematerializing them is not supported yet "
+            "(use a KVQCache policy such as KIVI, which caches the keys after the norm)"
+        )
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w = layers[0].self_attn.k_proj.weight
+    cos, _ = getattr(model, "model", model).rotary_emb(
+        torch.zeros(1, dtype=w.dtype, device=w.device), torch.zeros(1, 1, dtype=torch.long, device=w.device))
+    if cos.shape[-1] != head_dim:
+        raise NotImplementedError(
+            f"XQuant: {type(model).__name__} rotates {cos.shape[-1]} of its {head_dim} key channels "
+            "(partial rotary); rematerialization applies RoPE to whole heads, so this is not supported "
+            "yet (use a KVQCache policy)"
+        )
+
+
 def _capture_residual(layer_module, args, kwargs):
     cache = kwargs.get("past_key_values")
     if isinstance(cache, XQuantCache):
@@ -174,6 +197,7 @@ class XQuantCache(Cache):
                 "supported; XQuant serves full-attention decoders only (use a KVQCache policy)"
             )
         layers = _decoder_layers(model)
+        _check_keys_are_rope_of_projection(model, layers)
         patch_model(model)
         self.policy = policy
         self._weights = _layer_weights(model, policy)
