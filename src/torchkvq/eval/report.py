@@ -66,6 +66,30 @@ def write_json(table_rows: list[dict], settings: dict, machine: dict, path: path
     path.write_text(json.dumps({"settings": settings, "machine": machine, "results": table_rows}, indent=2))
 
 
+def _annotate(ax, fig, table_rows: list[dict]) -> None:
+    """Method names beside their points, each moved to the first of a few offsets where it covers
+    no point and no name already placed (points of similar methods sit close together)."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    r_px = 5  # the markers (s=40) are about 7 px across: keep names off them too
+    placed = [Bbox.from_extents(x - r_px, y - r_px, x + r_px, y + r_px) for x, y in
+              ax.transData.transform([(r["ratio_vs_fp16"], r["d_ppl_pct"]) for r in table_rows])]
+    for r in sorted(table_rows, key=lambda r: (r["ratio_vs_fp16"], r["d_ppl_pct"])):
+        xy = (r["ratio_vs_fp16"], r["d_ppl_pct"])
+        for dx, dy in ((5, 4), (5, -11), (-5, 4), (-5, -11), (5, 14), (-5, 14), (5, -21), (-5, -21)):
+            text = ax.annotate(r["method"], xy, textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha="left" if dx > 0 else "right")
+            box = text.get_window_extent(fig.canvas.get_renderer())
+            if not any(box.overlaps(b) for b in placed):
+                break
+            text.remove()
+        else:
+            text = ax.annotate(r["method"], xy, textcoords="offset points", xytext=(5, 4), fontsize=8)
+            box = text.get_window_extent(fig.canvas.get_renderer())
+        placed.append(box)
+
+
 def plot(table_rows: list[dict], path: pathlib.Path, title: str) -> None:
     """Compression ratio vs fp16 against Δperplexity, one point per method."""
     import matplotlib
@@ -77,13 +101,15 @@ def plot(table_rows: list[dict], path: pathlib.Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in table_rows:
         ax.scatter(r["ratio_vs_fp16"], r["d_ppl_pct"], color=colors[r["kind"]], s=40, zorder=3)
-        ax.annotate(r["method"], (r["ratio_vs_fp16"], r["d_ppl_pct"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
     for kind, c in colors.items():
         if kind != "heads" or any(r["kind"] == kind for r in table_rows):
             ax.scatter([], [], color=c, label=kind)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_yscale("symlog", linthresh=1.0)  # near-lossless methods and collapses on one plot
+    d = [r["d_ppl_pct"] for r in table_rows]
+    ax.set_ylim(min(-0.5, 3 * min(d)), max(2.0, 5 * max(d)))  # room above the worst for its label
+    ax.set_xlim(0, 1.15 * max(r["ratio_vs_fp16"] for r in table_rows))
+    _annotate(ax, fig, table_rows)
     ax.set_xlabel("KV bytes held: compression vs an fp16 cache (×, metadata and fp windows included)")
     ax.set_ylabel("Δ perplexity vs full-precision cache (%, symlog)")
     ax.set_title(title, fontsize=10)
