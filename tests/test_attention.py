@@ -36,6 +36,7 @@ from store_factory import (
     attention_f64,
     held_tokens_f64,
     make_attention_args,
+    nan_cases,
 )
 
 quant_attention = torch.ops.kvq.quant_attention
@@ -184,6 +185,32 @@ def test_query_that_sees_nothing():
     out, lse, _ = check(a)
     assert bool(torch.isneginf(lse[..., :4]).all()) and bool((out[..., :4, :] == 0).all())
     assert bool(torch.isfinite(lse[..., 4:]).all())
+
+
+@pytest.mark.parametrize("threads", [1, 4], ids=["1-thread", "4-threads"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_and_inf_propagate_like_sdpa(causal, threads):
+    """A row with a NaN or +inf score among the tokens it sees (a NaN/Inf in its query or in a
+    key) comes out NaN, out and lse, like SDPA - not 0 as a row that sees nothing, not finite
+    garbage; every other row is what it would be without the poison. Poisoned rows give the
+    stats nothing. With 4 threads each (batch, kv head) is split and merged by log-sum-exp."""
+    a, want = nan_cases(causal)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out, lse, stats = quant_attention(*a.args())
+    finally:
+        torch.set_num_threads(n)
+    r_out, r_lse, r_stats = ref.quant_attention(*a.args())
+    for got, name in ((out, "out"), (r_out, "reference out")):
+        assert torch.equal(got.isnan().all(-1), want), name
+        assert not bool(got[~want].isnan().any()), name
+    for got, name in ((lse, "lse"), (r_lse, "reference lse")):
+        assert torch.equal(got.isnan(), want) and bool(got[~want].isfinite().all()), name
+    assert bool(stats.isfinite().all()) and bool(r_stats.isfinite().all())
+    torch.testing.assert_close(out[~want], r_out[~want], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse[~want], r_lse[~want], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats, r_stats, atol=1e-4, rtol=1e-4)
 
 
 def test_unused_blocks_are_never_read():

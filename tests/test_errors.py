@@ -196,10 +196,21 @@ def matmul_nan_check(_obj, result):
     assert not bool(result[1].isnan().any())
 
 
-def attention_nan_check(_obj, result):
-    out, lse, _ = result
-    assert bool((out[0, 0, 0] == 0).all()) and float(lse[0, 0, 0]) == -math.inf
-    assert bool(out[:, 1:].isfinite().all()) and bool(out[1].isfinite().all())
+def attention_nan_check(rows):
+    """Exactly `rows` (a [B, Hq] mask of the single query) come out NaN, out and lse."""
+    def check(_obj, result):
+        out, lse, _ = result
+        want = torch.tensor(rows, dtype=torch.bool)[..., None]
+        assert torch.equal(out.isnan().all(-1), want) and not bool(out[~want].isnan().any())
+        assert torch.equal(lse.isnan(), want) and bool(lse[~want].isfinite().all())
+    return check
+
+
+def poisoned_key(s: KVStore) -> torch.Tensor:
+    """The store's k_fp with a NaN in batch row 0's newest token of kv head 1 (seen by all)."""
+    k_fp = s.k_fp.clone()
+    k_fp[0, 1, int(s.fp_pos[0].argmax()), 0] = math.nan
+    return k_fp
 
 
 def write_nan_check(obj, _result):
@@ -303,8 +314,14 @@ MATRIX: list[Row] = [
     Row(QA, "value group does not divide head_dim", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), v_group_size=48)), RuntimeError, "v_group_size must be a positive multiple of 8 dividing head_dim 64", setup=store),
     Row(QA, "empty query", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 0, 64))), RuntimeError, "query must not be empty", setup=store),
     Row(QA, "NaN in query", lambda s: ops.quant_attention(*attn_args(s, with_nan(rnd(2, 4, 1, 64), (0, 0, 0, 3)))), None,
-        "that query's output is 0 and its lse -inf, as for a query that sees nothing (a known gap: NaN is not propagated); other queries are unchanged",
-        setup=store, check=attention_nan_check),
+        "that query's output and lse come out NaN (as SDPA); the other queries are unchanged",
+        setup=store, check=attention_nan_check([[1, 0, 0, 0], [0, 0, 0, 0]])),
+    Row(QA, "Inf in query", lambda s: ops.quant_attention(*attn_args(s, with_nan(rnd(2, 4, 1, 64), (1, 2, 0, 3), math.inf))), None,
+        "its scores are ±Inf or NaN, so that query's output and lse come out NaN (as SDPA); the other queries are unchanged",
+        setup=store, check=attention_nan_check([[0, 0, 0, 0], [0, 0, 1, 0]])),
+    Row(QA, "NaN in a key", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), k_fp=poisoned_key(s))), None,
+        "the queries that see that key come out NaN, output and lse (as SDPA); the others are unchanged",
+        setup=store, check=attention_nan_check([[0, 0, 1, 1], [0, 0, 0, 0]])),
     Row(QA, "non-contiguous query", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 3, 4, 64).transpose(1, 2)[:, :, :1])), None,
         "any strides: the same result as for a contiguous copy", setup=store,
         check=lambda s, r: same_as(lambda: ops.quant_attention(*attn_args(s, rnd(2, 3, 4, 64).transpose(1, 2)[:, :, :1].contiguous())))(s, r)),
