@@ -342,7 +342,7 @@ def test_decode_step_captures_in_a_cuda_graph():
 def test_argument_errors_name_the_op():
     C = _to_cuda(make_attention_args(B=1, Hq=4, Hkv=2, L=1, D=64, k_widths=(2,), F=3, seed=1400))
     op = r"kvq::quant_attention: "
-    with pytest.raises(RuntimeError, match=op + r"every input must be on query's device"):
+    with pytest.raises(RuntimeError, match=op + r"fp_pos is on cpu but query is on cuda:0; move every input to one device"):
         quant_attention(*C.replace(fp_pos=C["fp_pos"].cpu()).args())
     with pytest.raises(RuntimeError, match=op + r"query heads \(3\) must be a multiple of kv heads \(2\)"):
         quant_attention(*C.replace(query=torch.randn(1, 3, 1, 64, device="cuda")).args())

@@ -235,6 +235,16 @@ DM = "kvq::dequant_matmul"
 QA = "kvq::quant_attention"
 WT = "kvq::write_tokens"
 A = rnd(2, 3, 64, seed=11)  # queries for dequant_matmul over C (keys packed along channels)
+RK = "kvq::remat_kv"
+W = rnd(48, 64, seed=12)  # remat_kv's weight over X's 64 channels (C packs X per token)
+
+
+def remat_nan_check(_obj, result):
+    """Token 3 of batch row 0 (whose scale is NaN) comes out NaN, every other token finite."""
+    assert bool(result[0, 3].isnan().all())
+    keep = torch.ones(result.shape[:2], dtype=torch.bool)
+    keep[0, 3] = False
+    assert bool(result[keep].isfinite().all())
 
 MATRIX: list[Row] = [
     # kvq::quantize
@@ -257,7 +267,7 @@ MATRIX: list[Row] = [
     Row(DQ, "wrong dtype (int8 codes)", lambda _: ops.dequantize(C.to(torch.int8), S, Z, 2, 32, -1), RuntimeError, "codes must be uint8, got Char"),
     Row(DQ, "wrong dtype (zero differs from scale)", lambda _: ops.dequantize(C, S, Z.float(), 2, 32, -1), RuntimeError, "zero must have the dtype of scale"),
     Row(DQ, "wrong dtype (float64 output)", lambda _: ops.dequantize(C, S, Z, 2, 32, -1, torch.float64), RuntimeError, "dtype must be float32, float16 or bfloat16, got Double"),
-    Row(DQ, "wrong device (scale elsewhere)", lambda _: ops.dequantize(C, S.to("meta"), Z, 2, 32, -1), RuntimeError, "codes, scale and zero must be on one device, got cpu, meta and cpu"),
+    Row(DQ, "wrong device (scale elsewhere)", lambda _: ops.dequantize(C, S.to("meta"), Z, 2, 32, -1), RuntimeError, "scale is on meta but codes is on cpu; move every input to one device"),
     Row(DQ, "wrong rank (0-d codes)", lambda _: ops.dequantize(torch.zeros((), dtype=torch.uint8), S, Z, 2, 32, -1), RuntimeError, "codes must have at least one dimension"),
     Row(DQ, "wrong shape (scale)", lambda _: ops.dequantize(C, S[:1], Z[:1], 2, 32, -1), RuntimeError, r"scale must have shape \[2, 64, 2\]"),
     Row(DQ, "bits that do not match the codes (3)", lambda _: ops.dequantize(C, S, Z, 3, 32, -1), RuntimeError, "is not a whole number of groups of 32 3-bit codes"),
@@ -285,13 +295,14 @@ MATRIX: list[Row] = [
         check=same_as(lambda: ops.outlier_split(X.transpose(1, 2).contiguous(), 2, 2))),
     # kvq::dequant_matmul
     Row(DM, "wrong dtype (float64 a)", lambda _: ops.dequant_matmul(A.double(), C, S, Z, 2, 32, -1, True), RuntimeError, "a must be float32, float16 or bfloat16, got Double"),
-    Row(DM, "wrong device (codes elsewhere)", lambda _: ops.dequant_matmul(A, C.to("meta"), S, Z, 2, 32, -1, True), RuntimeError, "codes is on meta but the first input is on cpu"),
+    Row(DM, "wrong device (codes elsewhere)", lambda _: ops.dequant_matmul(A, C.to("meta"), S, Z, 2, 32, -1, True), RuntimeError, "codes is on meta but a is on cpu; move every input to one device"),
+    Row(DM, "wrong device (outlier values elsewhere)", lambda _: ops.dequant_matmul(A, C, S, Z, 2, 32, -1, True, torch.zeros(2, 64, 1, dtype=torch.int16), torch.zeros(2, 64, 1, device="meta")), RuntimeError, "outlier_value is on meta but a is on cpu"),
     Row(DM, "wrong rank (a)", lambda _: ops.dequant_matmul(A[0], C, S, Z, 2, 32, -1, True), RuntimeError, r"a must have the leading dimensions of the packed operand \[2\]"),
     Row(DM, "wrong shape (inner size)", lambda _: ops.dequant_matmul(A[..., :32], C, S, Z, 2, 32, -1, True), RuntimeError, r"a.size\(-1\) = 32 must equal the packed operand's columns \(64\)"),
     Row(DM, "mismatched batch (a vs packed operand)", lambda _: ops.dequant_matmul(rnd(3, 3, 64), C, S, Z, 2, 32, -1, True), RuntimeError, r"leading dimensions of the packed operand \[2\], got shape \[3, 3, 64\]"),
     Row(DM, "axis not one of the last two", lambda _: ops.dequant_matmul(A, C, S, Z, 2, 32, 0, True), RuntimeError, "axis must be one of the last two dimensions"),
-    # The message names kvq::dequantize: dequant_matmul shares its packed-operand checks.
-    Row(DM, "bits out of range (9)", lambda _: ops.dequant_matmul(A, C, S, Z, 9, 32, -1, True), RuntimeError, r"bits must be in \[1, 8\], got 9"),
+    Row(DM, "bits out of range (9)", lambda _: ops.dequant_matmul(A, C, S, Z, 9, 32, -1, True), RuntimeError, r"^kvq::dequant_matmul: bits must be in \[1, 8\], got 9"),
+    Row(DM, "wrong dtype (int8 codes)", lambda _: ops.dequant_matmul(A, C.to(torch.int8), S, Z, 2, 32, -1, True), RuntimeError, "^kvq::dequant_matmul: codes must be uint8, got Char"),
     Row(DM, "outlier index without values", lambda _: ops.dequant_matmul(A, C, S, Z, 2, 32, -1, True, torch.zeros(2, 64, 1, dtype=torch.int16)), RuntimeError, "outlier_index and outlier_value must be given together"),
     Row(DM, "wrong dtype (int32 outlier index)", lambda _: ops.dequant_matmul(A, C, S, Z, 2, 32, -1, True, torch.zeros(2, 64, 1, dtype=torch.int32), torch.zeros(2, 64, 1)), RuntimeError, "outlier_index must be int16, got Int"),
     Row(DM, "NaN in a", lambda _: ops.dequant_matmul(with_nan(A, (0, 1, 7)), C, S, Z, 2, 32, -1, True), None,
@@ -303,9 +314,12 @@ MATRIX: list[Row] = [
         check=same_as(lambda: ops.dequant_matmul(A, C, S, Z, 2, 32, -1, True))),
     # kvq::quant_attention (the store's tensors, one argument spoiled)
     Row(QA, "wrong dtype (float64 query)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64).double())), RuntimeError, "query must be float32, float16 or bfloat16, got Double", setup=store),
-    Row(QA, "wrong dtype (int64 k_bits)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), k_bits=s.k_bits.long())), RuntimeError, "k_bits (and v_bits )?must be (1-D )?int32", setup=store),
+    Row(QA, "wrong dtype (int64 k_bits)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), k_bits=s.k_bits.long())), RuntimeError, r"k_bits must be a 1-D int32 tensor \(one width per block\), got Long", setup=store),
+    Row(QA, "wrong dtype (uint8 v_bits)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), v_bits=s.v_bits.to(torch.uint8))), RuntimeError, r"v_bits must be a 1-D int32 tensor \(one width per block\), got Byte", setup=store),
+    Row(QA, "wrong dtype (float32 v_zero, float16 k_scale)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), v_zero=s.v_zero.float())), RuntimeError, r"v_zero must have k_scale's dtype Half", setup=store),
     Row(QA, "wrong dtype (int32 fp_pos)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), fp_pos=s.fp_pos.int())), RuntimeError, "fp_pos must be int64, got Int", setup=store),
-    Row(QA, "wrong device (query elsewhere)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64).to("meta"))), RuntimeError, "k_codes is on cpu but the first input is on meta", setup=store),
+    Row(QA, "wrong device (query elsewhere)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64).to("meta"))), RuntimeError, "k_codes is on cpu but query is on meta; move every input to one device", setup=store),
+    Row(QA, "wrong device (fp_pos elsewhere)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 64), fp_pos=s.fp_pos.to("meta"))), RuntimeError, "fp_pos is on meta but query is on cpu", setup=store),
     Row(QA, "wrong rank (query)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 64))), RuntimeError, r"query must be \[batch, q_heads, q_len, head_dim\], got rank 3", setup=store),
     Row(QA, "wrong shape (head_dim of query)", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 4, 1, 32))), RuntimeError, r"k_fp must have shape \[2, 2, \d+, 32\]", setup=store),
     Row(QA, "query heads not a multiple of kv heads", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 3, 1, 64))), RuntimeError, r"query heads \(3\) must be a multiple of kv heads \(2\)", setup=store),
@@ -325,6 +339,21 @@ MATRIX: list[Row] = [
     Row(QA, "non-contiguous query", lambda s: ops.quant_attention(*attn_args(s, rnd(2, 3, 4, 64).transpose(1, 2)[:, :, :1])), None,
         "any strides: the same result as for a contiguous copy", setup=store,
         check=lambda s, r: same_as(lambda: ops.quant_attention(*attn_args(s, rnd(2, 3, 4, 64).transpose(1, 2)[:, :, :1].contiguous())))(s, r)),
+    # kvq::remat_kv (X [2, 64, 64] packed per token, rematerialized through W)
+    Row(RK, "wrong dtype (float64 weight)", lambda _: ops.remat_kv(C, S, Z, 2, 32, W.double()), RuntimeError, "weight must be float32, float16 or bfloat16, got Double"),
+    Row(RK, "wrong dtype (int8 codes)", lambda _: ops.remat_kv(C.to(torch.int8), S, Z, 2, 32, W), RuntimeError, "^kvq::remat_kv: codes must be uint8, got Char"),
+    Row(RK, "wrong device (weight elsewhere)", lambda _: ops.remat_kv(C, S, Z, 2, 32, W.to("meta")), RuntimeError, "weight is on meta but codes is on cpu; move every input to one device"),
+    Row(RK, "wrong rank (codes)", lambda _: ops.remat_kv(C[0], S[0], Z[0], 2, 32, W), RuntimeError, r"codes must be \[batch, tokens, packed channels\] \(rank 3\), got rank 2"),
+    Row(RK, "wrong shape (weight's in_features)", lambda _: ops.remat_kv(C, S, Z, 2, 32, W[:, :32]), RuntimeError, r"weight must be \[out_features, 64\] \(nn.Linear layout"),
+    Row(RK, "bits out of range (9)", lambda _: ops.remat_kv(C, S, Z, 9, 32, W), RuntimeError, r"^kvq::remat_kv: bits must be in \[1, 8\], got 9"),
+    Row(RK, "group not a multiple of 8", lambda _: ops.remat_kv(C, S, Z, 2, 12, W), RuntimeError, "^kvq::remat_kv: group_size must be a positive multiple of 8"),
+    Row(RK, "cos without sin", lambda _: ops.remat_kv(C, S, Z, 2, 32, W, None, rnd(2, 64, 16), None, 16), RuntimeError, "cos and sin must be given together"),
+    Row(RK, "mismatched batch (rotary tables vs codes)", lambda _: ops.remat_kv(C, S, Z, 2, 32, W, None, rnd(3, 64, 16), rnd(3, 64, 16), 16), RuntimeError, r"cos must be \[2 or 1, 64, head_dim\]"),
+    Row(RK, "empty codes", lambda _: ops.remat_kv(C[:0], S[:0], Z[:0], 2, 32, W), RuntimeError, "^kvq::remat_kv: codes must not be empty"),
+    Row(RK, "NaN in scale", lambda _: ops.remat_kv(C, with_nan(S, (0, 3, 1)), Z, 2, 32, W), None,
+        "the token of that scale comes out NaN, the others are unchanged", check=remat_nan_check),
+    Row(RK, "non-contiguous weight", lambda _: ops.remat_kv(C, S, Z, 2, 32, W.t().contiguous().t()), None,
+        "any strides: the same result as for a contiguous copy", check=same_as(lambda: ops.remat_kv(C, S, Z, 2, 32, W))),
     # kvq::write_tokens (failed calls leave the slot tensors unchanged)
     Row(WT, "wrong dtype (int32 key)", lambda st: write(st, key=kv(1)[0].int()), RuntimeError, "key and value must be float32, float16 or bfloat16", setup=slots_state),
     Row(WT, "wrong dtype (int32 slot tensors)", lambda st: write((st[0].int(), st[1].int(), st[2])), RuntimeError, "k_fp and v_fp must be float32, float16 or bfloat16 of one dtype, got Int and Int", setup=slots_state),
@@ -380,7 +409,7 @@ MATRIX: list[Row] = [
     Row("KVStore.attend", "wrong rank", lambda s: s.attend(rnd(2, 4, 64)), ValueError, r"query must be \[batch, q_heads, L, head_dim\]", setup=store),
     Row("KVStore.attend", "more queries than tokens held", lambda s: s.attend(rnd(2, 4, 41, 64)), ValueError, "with L <= the 40 tokens held", setup=store),
     Row("KVStore.attend", "wrong dtype (float64)", lambda s: s.attend(rnd(2, 4, 1, 64).double()), RuntimeError, "kvq::quant_attention: query must be float32, float16 or bfloat16, got Double", setup=store),
-    Row("KVStore.attend", "wrong device", lambda s: s.attend(rnd(2, 4, 1, 64).to("meta")), RuntimeError, "kvq::quant_attention: k_codes is on cpu but the first input is on meta", setup=store),
+    Row("KVStore.attend", "wrong device", lambda s: s.attend(rnd(2, 4, 1, 64).to("meta")), RuntimeError, "kvq::quant_attention: k_codes is on cpu but query is on meta", setup=store),
     # KVStore.from_state_dict
     Row("KVStore.from_state_dict", "a tensor of the wrong shape", lambda s: KVStore.from_state_dict(dict(s.state_dict()[0], k_fp=torch.zeros(1)), s.state_dict()[1]), ValueError, r"k_fp must be torch.float32 \[2, 2, \d+, 64\], got torch.float32 \[1\]", setup=store),
     Row("KVStore.from_state_dict", "inconsistent bookkeeping", lambda s: KVStore.from_state_dict(s.state_dict()[0], dict(s.state_dict()[1], k_bytes=1)), ValueError, "the bookkeeping .* is inconsistent", setup=store),
@@ -503,6 +532,42 @@ ROWS = all_rows()
 def test_matrix_row(row):
     torch.set_num_threads(1)
     run(row)
+
+
+# A call with a meta tensor goes to the op's fake, so the device rows above test the fakes'
+# messages. The kernels check devices too (a CPU tensor among CUDA ones reaches the CUDA kernel):
+# these calls force the CPU kernel, whose checks are the CUDA kernel's (csrc/*_args.h), and
+# expect the fake's message word for word.
+CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+META = "meta"
+KERNEL_DEVICE_CASES = {
+    "dequantize scale": (torch.ops.kvq.dequantize, lambda _: (C, S.to(META), Z, 2, 32, -1, torch.float32)),
+    "dequantize zero": (torch.ops.kvq.dequantize, lambda _: (C, S, Z.to(META), 2, 32, -1, torch.float32)),
+    "dequant_matmul codes": (torch.ops.kvq.dequant_matmul, lambda _: (A, C.to(META), S, Z, 2, 32, -1, True, None, None)),
+    "dequant_matmul scale": (torch.ops.kvq.dequant_matmul, lambda _: (A, C, S.to(META), Z, 2, 32, -1, True, None, None)),
+    "dequant_matmul outlier_index": (torch.ops.kvq.dequant_matmul, lambda _: (
+        A, C, S, Z, 2, 32, -1, True, torch.zeros(2, 64, 1, dtype=torch.int16, device=META), torch.zeros(2, 64, 1))),
+    "quant_attention query": (torch.ops.kvq.quant_attention, lambda s: attn_args(s, rnd(2, 4, 1, 64).to(META)) + [False]),
+    "quant_attention v_bits": (torch.ops.kvq.quant_attention, lambda s: attn_args(s, rnd(2, 4, 1, 64), v_bits=s.v_bits.to(META)) + [False]),
+    "quant_attention q_exclude": (torch.ops.kvq.quant_attention, lambda s: attn_args(s, rnd(2, 4, 1, 64), q_exclude=s.q_exclude.to(META)) + [False]),
+    "remat_kv weight": (torch.ops.kvq.remat_kv, lambda _: (C, S, Z, 2, 32, W.to(META), None, None, None, 0)),
+    "remat_kv zero": (torch.ops.kvq.remat_kv, lambda _: (C, S, Z.to(META), 2, 32, W, None, None, None, 0)),
+    "write_tokens key": (torch.ops.kvq.write_tokens, lambda _: (
+        *slots_state(), kv(1)[0].to(META), kv(1)[1], torch.tensor([2]), torch.tensor([[2], [2]]))),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_DEVICE_CASES))
+def test_kernels_name_the_misplaced_tensor(case):
+    op, make = KERNEL_DEVICE_CASES[case]
+    args = make(store())
+    with pytest.raises(RuntimeError) as fake:
+        op(*args)
+    with pytest.raises(RuntimeError) as kernel:
+        op.default.redispatch(CPU_KERNEL, *args)
+    message = str(kernel.value).splitlines()[0]
+    assert message == str(fake.value).splitlines()[0]
+    assert re.search(r"^kvq::\w+: \w+ is on (cpu|meta) but \w+ is on (cpu|meta); move every input to one device$", message), message
 
 
 def render() -> str:
