@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "quantize_args.h"
@@ -40,8 +41,6 @@ inline void check_attention_outliers(const std::optional<at::Tensor>& index,
               ", n] with n <= head_dim, got ", shape_str(index->sizes()));
   TORCH_CHECK(value->sizes() == index->sizes(), op, ": ", prefix, "value must have the shape of ",
               prefix, "index ", shape_str(index->sizes()), ", got ", shape_str(value->sizes()));
-  TORCH_CHECK(index->device() == k_fp.device() && value->device() == k_fp.device(), op, ": ",
-              prefix, "index/value must be on ", k_fp.device());
 }
 
 inline AttentionShape check_quant_attention_args(
@@ -65,11 +64,17 @@ inline AttentionShape check_quant_attention_args(
               shape_str(query.sizes()));
   TORCH_CHECK(s.Hkv >= 1 && s.Hq % s.Hkv == 0, op, ": query heads (", s.Hq,
               ") must be a multiple of kv heads (", s.Hkv, ")");
-  for (const at::Tensor* t : {&k_codes, &k_scale, &k_zero, &k_bits, &v_codes, &v_scale, &v_zero,
-                              &v_bits, &k_fp, &v_fp, &fp_pos}) {
-    TORCH_CHECK(t->device() == query.device(), op, ": every input must be on query's device ",
-                query.device(), ", got one on ", t->device());
-  }
+  // Every input against query, in the order of _checks.py, so a message names the misplaced one.
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"k_codes", &k_codes}, {"k_scale", &k_scale}, {"k_zero", &k_zero}, {"k_bits", &k_bits},
+      {"v_codes", &v_codes}, {"v_scale", &v_scale}, {"v_zero", &v_zero}, {"v_bits", &v_bits},
+      {"k_fp", &k_fp},       {"v_fp", &v_fp},       {"fp_pos", &fp_pos}};
+  for (const auto& [name, t] : inputs) check_same_device(op, name, *t, "query", query);
+  const std::pair<const char*, const std::optional<at::Tensor>*> optional_inputs[] = {
+      {"q_exclude", &q_exclude},      {"k_outlier_index", &k_oi}, {"k_outlier_value", &k_ov},
+      {"v_outlier_index", &v_oi},     {"v_outlier_value", &v_ov}};
+  for (const auto& [name, t] : optional_inputs)
+    if (t->has_value()) check_same_device(op, name, **t, "query", query);
   check_bits_and_group(op, 1, group_size);
   TORCH_CHECK(v_group_size > 0 && v_group_size % 8 == 0 && s.D % v_group_size == 0, op,
               ": v_group_size must be a positive multiple of 8 dividing head_dim ", s.D, ", got ",
@@ -84,24 +89,25 @@ inline AttentionShape check_quant_attention_args(
               fp_pos.scalar_type());
   check_attention_shape(fp_pos, "fp_pos", {s.B, s.F},
                         "one position per batch row and fp token, -1 for an empty slot");
-  for (const at::Tensor* t : {&k_bits, &v_bits}) {
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1, op,
-                ": k_bits and v_bits must be 1-D int32 (one width per block), got ",
-                t->scalar_type(), " of rank ", t->dim());
+  for (const auto& [name, t] : {std::pair{"k_bits", &k_bits}, std::pair{"v_bits", &v_bits}}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1, op, ": ", name,
+                " must be a 1-D int32 tensor (one width per block), got ", t->scalar_type(),
+                " of rank ", t->dim());
   }
   check_attention_shape(v_bits, "v_bits", {s.NB}, "one width per block, like k_bits");
-  for (const at::Tensor* t : {&k_codes, &v_codes}) {
+  for (const auto& [name, t] : {std::pair{"k_codes", &k_codes}, std::pair{"v_codes", &v_codes}}) {
     TORCH_CHECK(t->scalar_type() == at::kByte && t->dim() == 3 && t->size(0) == s.B &&
                     t->size(1) == s.Hkv,
-                op, ": k_codes and v_codes must be uint8 [batch, kv_heads, bytes] = [", s.B, ", ",
-                s.Hkv, ", n], got ", t->scalar_type(), " ", shape_str(t->sizes()));
+                op, ": ", name, " must be uint8 [batch, kv_heads, bytes] = [", s.B, ", ", s.Hkv,
+                ", n], got ", t->scalar_type(), " ", shape_str(t->sizes()));
   }
   TORCH_CHECK(k_scale.scalar_type() == at::kHalf || k_scale.scalar_type() == at::kFloat, op,
               ": k_scale must be float16 or float32, got ", k_scale.scalar_type());
-  for (const at::Tensor* t : {&k_zero, &v_scale, &v_zero}) {
-    TORCH_CHECK(t->scalar_type() == k_scale.scalar_type(), op,
-                ": scales and zeros must all have k_scale's dtype ", k_scale.scalar_type(),
-                ", got ", t->scalar_type());
+  for (const auto& [name, t] : {std::pair{"k_zero", &k_zero}, std::pair{"v_scale", &v_scale},
+                                std::pair{"v_zero", &v_zero}}) {
+    TORCH_CHECK(t->scalar_type() == k_scale.scalar_type(), op, ": ", name,
+                " must have k_scale's dtype ", k_scale.scalar_type(),
+                " (scales and zeros share one dtype), got ", t->scalar_type());
   }
   s.Q = s.NB * group_size;
   check_attention_shape(k_scale, "k_scale", {s.B, s.Hkv, s.NB, s.D}, "one per block and channel");
@@ -115,7 +121,6 @@ inline AttentionShape check_quant_attention_args(
                 q_exclude->scalar_type());
     check_attention_shape(*q_exclude, "q_exclude", {s.B, s.Q},
                           "one flag per batch row and quantized token");
-    TORCH_CHECK(q_exclude->device() == query.device(), op, ": q_exclude must be on ", query.device());
   }
   check_attention_outliers(k_oi, k_ov, "k_outlier_", s, k_fp);
   check_attention_outliers(v_oi, v_ov, "v_outlier_", s, k_fp);

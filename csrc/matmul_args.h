@@ -44,9 +44,13 @@ inline MatmulShape check_dequant_matmul_args(const at::Tensor& a, const at::Tens
   TORCH_CHECK(ax >= rank - 2, op,
               ": axis must be one of the last two dimensions (-1: groups along columns, -2: "
               "groups along rows), got ", axis);
-  TORCH_CHECK(codes.device() == a.device(), op, ": codes is on ", codes.device(),
-              " but a is on ", a.device(), "; move every input to one device");
-  const GroupedView v = check_dequantize_args(codes, scale, zero, bits, group_size, ax,
+  // Every input against a, in the order of _checks.py, so a message names the misplaced one.
+  check_same_device(op, "codes", codes, "a", a);
+  check_same_device(op, "scale", scale, "a", a);
+  check_same_device(op, "zero", zero, "a", a);
+  if (outlier_index.has_value()) check_same_device(op, "outlier_index", *outlier_index, "a", a);
+  if (outlier_value.has_value()) check_same_device(op, "outlier_value", *outlier_value, "a", a);
+  const GroupedView v = check_dequantize_args(op, codes, scale, zero, bits, group_size, ax,
                                               a.scalar_type());
   std::vector<int64_t> b_shape = with_axis(codes.sizes(), ax, v.n);
   const int64_t N = b_shape[rank - 2], K = b_shape[rank - 1];
@@ -75,8 +79,6 @@ inline MatmulShape check_dequant_matmul_args(const at::Tensor& a, const at::Tens
     TORCH_CHECK(outlier_value->sizes() == outlier_index->sizes(), op,
                 ": outlier_value must have the shape of outlier_index ",
                 shape_str(outlier_index->sizes()), ", got ", shape_str(outlier_value->sizes()));
-    TORCH_CHECK(outlier_index->device() == a.device() && outlier_value->device() == a.device(),
-                op, ": outlier_index/outlier_value must be on ", a.device());
     n_out = outlier_index->size(-1);
   }
   int64_t batch = 1;

@@ -44,6 +44,13 @@ inline GroupedView grouped_view(c10::IntArrayRef sizes, int64_t axis) {
   return v;
 }
 
+// "<op>: <name> is on <device> but <ref_name> is on <device>": which tensor is where.
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; move every input to one device");
+}
+
 inline void check_bits_and_group(const char* op, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in [1, 8], got ", bits);
   TORCH_CHECK(group_size > 0 && group_size % 8 == 0, op,
@@ -68,10 +75,12 @@ inline GroupedView check_quantize_args(const at::Tensor& x, int64_t bits, int64_
   return grouped_view(x.sizes(), ax);
 }
 
-inline GroupedView check_dequantize_args(const at::Tensor& codes, const at::Tensor& scale,
-                                         const at::Tensor& zero, int64_t bits, int64_t group_size,
-                                         int64_t axis, at::ScalarType dtype) {
-  constexpr const char* op = "kvq::dequantize";
+// `op` is the op whose arguments these are: kvq::dequantize, or an op with a packed operand
+// (kvq::dequant_matmul, kvq::remat_kv), so that a message names the op that was called.
+inline GroupedView check_dequantize_args(const char* op, const at::Tensor& codes,
+                                         const at::Tensor& scale, const at::Tensor& zero,
+                                         int64_t bits, int64_t group_size, int64_t axis,
+                                         at::ScalarType dtype) {
   check_bits_and_group(op, bits, group_size);
   TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ",
               codes.scalar_type());
@@ -82,9 +91,8 @@ inline GroupedView check_dequantize_args(const at::Tensor& codes, const at::Tens
               zero.scalar_type());
   TORCH_CHECK(is_float_input(dtype), op, ": dtype must be float32, float16 or bfloat16, got ",
               dtype);
-  TORCH_CHECK(scale.device() == codes.device() && zero.device() == codes.device(), op,
-              ": codes, scale and zero must be on one device, got ", codes.device(), ", ",
-              scale.device(), " and ", zero.device());
+  check_same_device(op, "scale", scale, "codes", codes);
+  check_same_device(op, "zero", zero, "codes", codes);
   const int64_t ax = normalize_axis(op, "codes", axis, codes.dim());
   TORCH_CHECK(codes.numel() > 0, op, ": codes must not be empty, got shape ",
               shape_str(codes.sizes()));

@@ -15,12 +15,6 @@ struct RematShape {
   int64_t N, T, d, n_out, head_dim;  // head_dim 0 without RoPE
 };
 
-inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
-                              const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
-              " but the first input is on ", ref.device(), "; move every input to one device");
-}
-
 inline RematShape check_remat_kv_args(const at::Tensor& codes, const at::Tensor& scale,
                                       const at::Tensor& zero, int64_t bits, int64_t group_size,
                                       const at::Tensor& weight,
@@ -32,14 +26,14 @@ inline RematShape check_remat_kv_args(const at::Tensor& codes, const at::Tensor&
               ": codes must be [batch, tokens, packed channels] (rank 3), got rank ", codes.dim());
   TORCH_CHECK(is_float_input(weight.scalar_type()), op,
               ": weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
-  check_same_device(op, "scale", scale, codes);
-  check_same_device(op, "zero", zero, codes);
-  check_same_device(op, "weight", weight, codes);
-  if (bias.has_value()) check_same_device(op, "bias", *bias, codes);
-  if (cos.has_value()) check_same_device(op, "cos", *cos, codes);
-  if (sin.has_value()) check_same_device(op, "sin", *sin, codes);
+  check_same_device(op, "scale", scale, "codes", codes);
+  check_same_device(op, "zero", zero, "codes", codes);
+  check_same_device(op, "weight", weight, "codes", codes);
+  if (bias.has_value()) check_same_device(op, "bias", *bias, "codes", codes);
+  if (cos.has_value()) check_same_device(op, "cos", *cos, "codes", codes);
+  if (sin.has_value()) check_same_device(op, "sin", *sin, "codes", codes);
   const GroupedView v =
-      check_dequantize_args(codes, scale, zero, bits, group_size, 2, weight.scalar_type());
+      check_dequantize_args(op, codes, scale, zero, bits, group_size, 2, weight.scalar_type());
   const int64_t N = codes.size(0), T = codes.size(1), d = v.n;
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d, op, ": weight must be [out_features, ", d,
               "] (nn.Linear layout; in_features = the packed operand's ", d, " channels), got ",

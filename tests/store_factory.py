@@ -173,6 +173,23 @@ def make_attention_args(
     return AttentionArgs(kw)
 
 
+def nan_cases(causal: bool):
+    """(args, rows expected NaN [B, Hq, L]): a NaN and an Inf in two queries, and a NaN in one
+    full-precision key, which poisons exactly the rows of its kv head that see its position."""
+    a = make_attention_args(B=2, Hq=4, Hkv=2, L=3, D=64, k_widths=(2, 0, 4, 3), group_size=32,
+                            F=9, causal=causal, return_stats=True, seed=12)
+    q, k_fp = a["query"].clone(), a["k_fp"].clone()
+    q[0, 1, 2, 5] = float("nan")
+    q[1, 3, 0, 7] = float("inf")  # scores +inf (or NaN where the key's channel is 0)
+    held = a["fp_pos"][1].masked_fill(a["fp_pos"][1] < 0, 1 << 40)
+    slot = int(held.argmin())  # batch row 1's oldest fp token: every query sees it
+    k_fp[1, 0, slot, 9] = float("nan")
+    want = torch.zeros(2, 4, 3, dtype=torch.bool)
+    want[0, 1, 2] = want[1, 3, 0] = True
+    want[1, :2] = True  # query heads 0 and 1 read kv head 0
+    return a.replace(query=q, k_fp=k_fp), want
+
+
 def dequantize_blocks_f64(codes, scale, zero, bits, group_size, v_group_size, head_dim):
     """Like ``reference.dequantize_blocks`` but ``code * scale + zero`` in float64."""
     B, H = codes.shape[:2]

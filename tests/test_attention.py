@@ -36,6 +36,7 @@ from store_factory import (
     attention_f64,
     held_tokens_f64,
     make_attention_args,
+    nan_cases,
 )
 
 quant_attention = torch.ops.kvq.quant_attention
@@ -184,6 +185,32 @@ def test_query_that_sees_nothing():
     out, lse, _ = check(a)
     assert bool(torch.isneginf(lse[..., :4]).all()) and bool((out[..., :4, :] == 0).all())
     assert bool(torch.isfinite(lse[..., 4:]).all())
+
+
+@pytest.mark.parametrize("threads", [1, 4], ids=["1-thread", "4-threads"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_and_inf_propagate_like_sdpa(causal, threads):
+    """A row with a NaN or +inf score among the tokens it sees (a NaN/Inf in its query or in a
+    key) comes out NaN, out and lse, like SDPA - not 0 as a row that sees nothing, not finite
+    garbage; every other row is what it would be without the poison. Poisoned rows give the
+    stats nothing. With 4 threads each (batch, kv head) is split and merged by log-sum-exp."""
+    a, want = nan_cases(causal)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out, lse, stats = quant_attention(*a.args())
+    finally:
+        torch.set_num_threads(n)
+    r_out, r_lse, r_stats = ref.quant_attention(*a.args())
+    for got, name in ((out, "out"), (r_out, "reference out")):
+        assert torch.equal(got.isnan().all(-1), want), name
+        assert not bool(got[~want].isnan().any()), name
+    for got, name in ((lse, "lse"), (r_lse, "reference lse")):
+        assert torch.equal(got.isnan(), want) and bool(got[~want].isfinite().all()), name
+    assert bool(stats.isfinite().all()) and bool(r_stats.isfinite().all())
+    torch.testing.assert_close(out[~want], r_out[~want], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse[~want], r_lse[~want], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats, r_stats, atol=1e-4, rtol=1e-4)
 
 
 def test_unused_blocks_are_never_read():
@@ -541,14 +568,18 @@ BAD = {
     "fp_pos_int32": (_bad(fp_pos=lambda t, a: t.int()), OP + "fp_pos must be int64, got "),
     "fp_pos_shape": (_bad(fp_pos=lambda t, a: t[:, :4]),
                      OP + r"fp_pos must have shape \[2, 5\] \(one position per batch row and fp token, -1 for an empty slot\), got \[2, 4\]"),
-    "k_bits_int64": (_bad(k_bits=lambda t, a: t.long()), OP + r"k_bits (and v_bits )?must be (1-D )?int32"),
-    "k_bits_2d": (_bad(k_bits=lambda t, a: t[None]), OP + r"k_bits (and v_bits )?must be 1-D"),
+    "k_bits_int64": (_bad(k_bits=lambda t, a: t.long()),
+                     OP + r"k_bits must be a 1-D int32 tensor \(one width per block\), got Long of rank 1"),
+    "v_bits_uint8": (_bad(v_bits=lambda t, a: t.to(torch.uint8)),
+                     OP + r"v_bits must be a 1-D int32 tensor \(one width per block\), got Byte of rank 1"),
+    "k_bits_2d": (_bad(k_bits=lambda t, a: t[None]), OP + r"k_bits must be a 1-D int32 tensor .*got Int of rank 2"),
     "v_bits_length": (_bad(v_bits=lambda t, a: torch.cat([t, t[:1]])),
                       OP + r"v_bits must have shape \[3\] \(one width per block, like k_bits\), got \[4\]"),
-    "k_codes_int8": (_bad(k_codes=lambda t, a: t.to(torch.int8)), OP + r"k_codes (and v_codes )?must be uint8"),
-    "v_codes_batch": (_bad(v_codes=lambda t, a: t[:1]), OP + r"(k_codes and )?v_codes must be (uint8 )?\[batch, kv_heads, bytes\] = \[2, 2, n\], got "),
+    "k_codes_int8": (_bad(k_codes=lambda t, a: t.to(torch.int8)), OP + r"k_codes must be uint8 \[batch, kv_heads, bytes\]"),
+    "v_codes_batch": (_bad(v_codes=lambda t, a: t[:1]), OP + r"v_codes must be uint8 \[batch, kv_heads, bytes\] = \[2, 2, n\], got Byte \[1, 2, "),
     "k_scale_bfloat16": (_bad(k_scale=lambda t, a: t.bfloat16()), OP + "k_scale must be float16 or float32, got "),
-    "v_zero_dtype": (_bad(v_zero=lambda t, a: t.float()), OP + "scales and zeros must all have k_scale's dtype "),
+    "v_zero_dtype": (_bad(v_zero=lambda t, a: t.float()),
+                     OP + r"v_zero must have k_scale's dtype Half \(scales and zeros share one dtype\), got Float"),
     "k_scale_shape": (_bad(k_scale=lambda t, a: t[:, :, :2]),
                       OP + r"k_scale must have shape \[2, 2, 3, 64\] \(one per block and channel\), got \[2, 2, 2, 64\]"),
     "k_zero_shape": (_bad(k_zero=lambda t, a: t[..., :32]), OP + r"k_zero must have shape \[2, 2, 3, 64\] \(the shape of k_scale\)"),

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import torchkvq
-from store_factory import make_attention_args, attention_f64
+from store_factory import make_attention_args, attention_f64, nan_cases
 
 pytestmark = [
     pytest.mark.cuda,
@@ -161,6 +161,22 @@ def test_degenerate_stores():
             A = make_attention_args(B=2, Hq=4, Hkv=2, L=1, D=64, causal=causal,
                                     return_stats=True, seed=600, **kw)
             _check(A, f"degenerate {kw} causal={causal}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_and_inf_propagate_like_the_cpu(causal):
+    """Rows with a NaN/+inf score (NaN/Inf in the query or a key they see) come out NaN, out
+    and lse, exactly the rows the CPU kernel makes NaN; the other rows stay within the CPU's
+    bound of the reference. Poisoned rows add nothing to the stats."""
+    A, want = nan_cases(causal)
+    cpu = quant_attention(*A.args())
+    got = tuple(t.cpu() for t in quant_attention(*_to_cuda(A).args()))
+    assert torch.equal(cpu[0].isnan().all(-1), want) and torch.equal(cpu[1].isnan(), want)
+    assert torch.equal(got[0].isnan().all(-1), want) and torch.equal(got[1].isnan(), want)
+    assert not bool(got[0][~want].isnan().any()) and bool(got[2].isfinite().all())
+    torch.testing.assert_close(got[0][~want], cpu[0][~want], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1][~want], cpu[1][~want], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[2], cpu[2], atol=1e-4, rtol=1e-4)
 
 
 def test_unused_and_excluded_tokens_never_leak():
@@ -326,7 +342,7 @@ def test_decode_step_captures_in_a_cuda_graph():
 def test_argument_errors_name_the_op():
     C = _to_cuda(make_attention_args(B=1, Hq=4, Hkv=2, L=1, D=64, k_widths=(2,), F=3, seed=1400))
     op = r"kvq::quant_attention: "
-    with pytest.raises(RuntimeError, match=op + r"every input must be on query's device"):
+    with pytest.raises(RuntimeError, match=op + r"fp_pos is on cpu but query is on cuda:0; move every input to one device"):
         quant_attention(*C.replace(fp_pos=C["fp_pos"].cpu()).args())
     with pytest.raises(RuntimeError, match=op + r"query heads \(3\) must be a multiple of kv heads \(2\)"):
         quant_attention(*C.replace(query=torch.randn(1, 3, 1, 64, device="cuda")).args())

@@ -269,8 +269,8 @@ def _with(**changes):
 
 
 OP = "kvq::dequant_matmul: "
-# The codes/scale/zero rules are shared with kvq::dequantize and (today) name that op.
-DQ = r"kvq::dequant(ize|_matmul): "
+# The codes/scale/zero rules are shared with kvq::dequantize, but the messages name the op called.
+DQ = OP
 BAD = {
     "a_float64": (_with(a=lambda a, _: a.double()), OP + "a must be float32, float16 or bfloat16, got "),
     "a_int": (_with(a=lambda a, _: a.int()), OP + "a must be float32, float16 or bfloat16, got "),

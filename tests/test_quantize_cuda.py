@@ -286,9 +286,9 @@ def test_compiles_under_torch_compile():
 def test_device_mismatch_is_an_error():
     x = _values((4, 64), 6).cuda()
     codes, scale, zero = quantize(x, 4, 32, -1)
-    with pytest.raises(RuntimeError, match=r"kvq::dequantize: codes, scale and zero must be on one device"):
+    with pytest.raises(RuntimeError, match=r"kvq::dequantize: scale is on cpu but codes is on cuda:0"):
         dequantize(codes, scale.cpu(), zero, 4, 32, -1, torch.float32)
-    with pytest.raises(RuntimeError, match=r"kvq::dequantize: codes, scale and zero must be on one device"):
+    with pytest.raises(RuntimeError, match=r"kvq::dequantize: scale is on cuda:0 but codes is on cpu"):
         dequantize(codes.cpu(), scale, zero, 4, 32, -1, torch.float32)
 
 

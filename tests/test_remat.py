@@ -307,7 +307,7 @@ def _with(**changes):
 
 
 OP = "kvq::remat_kv: "
-DQ = r"kvq::dequantize: "  # the codes/scale/zero rules are shared with kvq::dequantize
+DQ = OP  # the codes/scale/zero rules are kvq::dequantize's, the messages name the op called
 BAD = {
     "codes_rank2": (_with(codes=lambda c, _: c[0], scale=lambda s, _: s[0], zero=lambda z, _: z[0]),
                     OP + r"codes must be \[batch, tokens, packed channels\] \(rank 3\), got rank 2"),

@@ -214,6 +214,8 @@ struct Attention {
       for (int64_t r = 0; r < rows; ++r) {
         const float* sr = x.s.data() + r * n;
         float* pr = x.p.data() + r * n;
+        // NaN once any score the row sees is NaN (a NaN in its query or in a key); the NaN then
+        // flows through alpha, the sum and the accumulator, and the merge writes NaN.
         const float mx = max_of(sr, n, st.m[r]);
         if (mx == kNegInf) {  // this row sees nothing in the tile or before it
           std::fill(pr, pr + n, 0.f);
@@ -239,7 +241,9 @@ struct Attention {
       const int64_t n = tile_scores(b, h, t, x);
       if (n == 0) continue;
       for (int64_t r = 0; r < rows; ++r) {
-        if (lse[r] == kNegInf) continue;
+        // A row that sees nothing, or whose scores hold NaN (its lse is NaN), gives no token a
+        // probability: the stats stay those of the other rows, as on CUDA.
+        if (lse[r] == kNegInf || std::isnan(lse[r])) continue;
         float* pr = x.p.data() + r * n;
         exp_shifted(x.s.data() + r * n, n, lse[r], pr);
         for (int64_t j = 0; j < n; ++j) out[first + j] = std::max(out[first + j], pr[j]);
@@ -275,10 +279,15 @@ void run_attention(Attention<TQ, TF, S>& a, at::Tensor& out, at::Tensor& lse, at
       const int64_t b = pair / a.Hkv, h = pair % a.Hkv;
       for (int64_t r = 0; r < a.rows; ++r) {
         float M = kNegInf;
-        for (int64_t sp = 0; sp < splits; ++sp) M = std::max(M, parts[pair * splits + sp].m[r]);
+        bool nan = false;  // a NaN score (running max NaN) or a +inf one (sum NaN): NaN out, as SDPA
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float m = parts[pair * splits + sp].m[r];
+          nan |= std::isnan(m);
+          M = std::max(M, m);
+        }
         float l = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
-        if (M != kNegInf) {
+        if (!nan && M != kNegInf) {
           for (int64_t sp = 0; sp < splits; ++sp) {
             const RowState& st = parts[pair * splits + sp];
             if (st.m[r] == kNegInf) continue;
@@ -290,9 +299,11 @@ void run_attention(Attention<TQ, TF, S>& a, at::Tensor& out, at::Tensor& lse, at
         const int64_t gi = r / a.L, li = r % a.L;
         const int64_t qh = h * a.g + gi;
         TQ* dst = op + ((b * a.Hq + qh) * a.L + li) * a.D;
+        nan |= std::isnan(l);
+        constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        for (int64_t c = 0; c < a.D; ++c) dst[c] = static_cast<TQ>(acc[c] * inv);
-        const float row_lse = l > 0.f ? M + std::log(l) : kNegInf;
+        for (int64_t c = 0; c < a.D; ++c) dst[c] = static_cast<TQ>(nan ? kNaN : acc[c] * inv);
+        const float row_lse = nan ? kNaN : l > 0.f ? M + std::log(l) : kNegInf;
         lp[(b * a.Hq + qh) * a.L + li] = row_lse;
         lse_rows[pair * a.rows + r] = row_lse;
       }

@@ -210,7 +210,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in,
                       const at::Tensor& zero_in, int64_t bits, int64_t group_size, int64_t axis,
                       at::ScalarType dtype) {
   const GroupedView v =
-      check_dequantize_args(codes_in, scale_in, zero_in, bits, group_size, axis, dtype);
+      check_dequantize_args("kvq::dequantize", codes_in, scale_in, zero_in, bits, group_size, axis, dtype);
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.contiguous();

@@ -1,6 +1,8 @@
 #include "cpu/tiles.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "cpu/bitpack.h"
 #include "cpu/simd.h"
@@ -241,15 +243,18 @@ KVQ_INLINE f8 exp_shifted8(f8 s, float m, f8& sum) {
 
 KVQ_SIMD float max_of(const float* s, int64_t n, float init) {
   f8 m = f8{} + init;
+  i8 nan = {};  // lanes that met a NaN: the comparisons below would skip it
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const f8 v = vec::load(s + j);
     m = v > m ? v : m;
+    nan |= v != v;
   }
   float r = init;
-  for (int i = 0; i < 8; ++i) r = std::max(r, m[i]);
-  for (; j < n; ++j) r = std::max(r, s[j]);
-  return r;
+  bool any_nan = std::isnan(init);
+  for (int i = 0; i < 8; ++i) r = std::max(r, m[i]), any_nan |= nan[i] != 0;
+  for (; j < n; ++j) r = std::max(r, s[j]), any_nan |= std::isnan(s[j]);
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : r;
 }
 
 KVQ_SIMD float exp_shifted(const float* s, int64_t n, float m, float* p) {

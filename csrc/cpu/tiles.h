@@ -41,7 +41,8 @@ void mul_columns(const float* a, int64_t rows, int64_t width, const float* s, fl
 void score_tile(const float* a, int64_t rows, const float* b, int64_t n, int64_t width,
                 const float* bias, float* out);
 
-// max(init, s[0], ..., s[n-1]).
+// max(init, s[0], ..., s[n-1]); NaN when any of them is NaN (as torch.max), so that a row with a
+// NaN score comes out NaN instead of being taken for a row that sees nothing.
 float max_of(const float* s, int64_t n, float init);
 
 // p[j] = exp(s[j] - m), 0 where s[j] = -inf; returns the sum of p. Needs m >= max(s), finite.

@@ -70,6 +70,20 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kSoftSmem = 96 * 1024;  // preferred dynamic smem per CTA (leaves room for 2+ CTAs/SM)
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// max(a, b), NaN when either is NaN (fmaxf drops a NaN): a row with a NaN score - a NaN in its
+// query or in a key it sees - must come out NaN, not as a row that sees nothing (as the CPU).
+__device__ __forceinline__ float nan_max(float a, float b) { return a > b || a != a ? a : b; }
+
+// out = A / l and lse = M + log l of a finished row: l is a sum of probabilities, so it is > 0
+// (seen), 0 (nothing seen: out 0, lse -inf) or NaN (a NaN or +inf score: out and lse NaN).
+__device__ __forceinline__ float row_out(float A, float l) {
+  return l > 0.f ? A / l : l == 0.f ? 0.f : quiet_nan();
+}
+__device__ __forceinline__ float row_lse(float M, float l) {
+  return l > 0.f ? M * kLn2 + logf(l) : l == 0.f ? neg_inf() : quiet_nan();
+}
 
 // ---- cp.async (sm_80+; a synchronous copy elsewhere, where wait is then a no-op) -----------
 
@@ -663,10 +677,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       bal[uu] = __ballot_sync(kFull, vis);
       if (!stats_mode) {
         float mx = s;
-        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 4));
-        const float m_new = fmaxf(m_run[uu], mx);
+        mx = nan_max(mx, __shfl_xor_sync(kFull, mx, 1));
+        mx = nan_max(mx, __shfl_xor_sync(kFull, mx, 2));
+        mx = nan_max(mx, __shfl_xor_sync(kFull, mx, 4));
+        const float m_new = nan_max(m_run[uu], mx);  // NaN sticks: alpha, l and acc turn NaN
         const float pr = vis ? exp2f(s - m_new) : 0.f;
         float sum = pr;
         sum += __shfl_xor_sync(kFull, sum, 1);
@@ -850,7 +864,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
     float M = neg_inf();
-    for (int w = 0; w < W; ++w) M = fmaxf(M, ms[w * RT + r]);
+    for (int w = 0; w < W; ++w) M = nan_max(M, ms[w * RT + r]);
     const float mine = ms[warp * RT + r];
     const float f = mine == neg_inf() ? 0.f : exp2f(mine - M);
 #pragma unroll
@@ -867,7 +881,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const int rg = rt * RT + r;
     if (rg >= p.R) continue;
     float M = neg_inf();
-    for (int w = 0; w < W; ++w) M = fmaxf(M, ms[w * RT + r]);
+    for (int w = 0; w < W; ++w) M = nan_max(M, ms[w * RT + r]);
     float l = 0.f, A = 0.f;
     for (int w = 0; w < W; ++w) {
       const float mw = ms[w * RT + r];
@@ -877,8 +891,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     if (p.splits == 1) {
       const int gi = rg / L, li = rg - gi * L;
       const int64_t row = (b * a.Hq + h * p.g + gi) * L + li;
-      store_elem(a.out, row * D + c, a.q_dtype, l > 0.f ? A / l : 0.f);
-      if (c == 0) a.lse[row] = l > 0.f ? M * kLn2 + logf(l) : neg_inf();
+      store_elem(a.out, row * D + c, a.q_dtype, row_out(A, l));
+      if (c == 0) a.lse[row] = row_lse(M, l);
     } else {
       const int64_t row = (pair * p.splits + split) * p.R + rg;
       p.part_acc[row * D + c] = A;
@@ -902,7 +916,7 @@ __global__ void __launch_bounds__(256) merge_kernel(const Params p) {
     const int rg = static_cast<int>(w - pair * p.R);
     const int64_t first = pair * p.splits * p.R + rg;  // split s at first + s * R
     float M = neg_inf();
-    for (int64_t s = 0; s < p.splits; ++s) M = fmaxf(M, p.part_m[first + s * p.R]);
+    for (int64_t s = 0; s < p.splits; ++s) M = nan_max(M, p.part_m[first + s * p.R]);
     float l = 0.f;
     for (int64_t s = 0; s < p.splits; ++s) {
       const float m = p.part_m[first + s * p.R];
@@ -917,9 +931,9 @@ __global__ void __launch_bounds__(256) merge_kernel(const Params p) {
         const float m = p.part_m[first + s * p.R];
         if (m != neg_inf()) A += p.part_acc[(first + s * p.R) * p.D + c] * exp2f(m - M);
       }
-      store_elem(a.out, row * p.D + c, a.q_dtype, l > 0.f ? A / l : 0.f);
+      store_elem(a.out, row * p.D + c, a.q_dtype, row_out(A, l));
     }
-    if (lane == 0) a.lse[row] = l > 0.f ? M * kLn2 + logf(l) : neg_inf();
+    if (lane == 0) a.lse[row] = row_lse(M, l);
   }
 }
 

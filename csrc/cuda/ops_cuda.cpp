@@ -69,7 +69,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in,
                       at::ScalarType dtype) {
   // Checks devices agree first, so a CPU scale next to CUDA codes gets the "one device" message.
   const GroupedView v =
-      check_dequantize_args(codes_in, scale_in, zero_in, bits, group_size, axis, dtype);
+      check_dequantize_args("kvq::dequantize", codes_in, scale_in, zero_in, bits, group_size, axis, dtype);
   check_cuda("kvq::dequantize", "codes", codes_in);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();

@@ -74,9 +74,10 @@ def check_dequantize(
     group_size: int,
     axis: int,
     dtype: torch.dtype,
+    op: str = "kvq::dequantize",
 ) -> tuple[int, int]:
-    """Validate kvq::dequantize arguments; returns (axis, number of elements along it)."""
-    op = "kvq::dequantize"
+    """Validate kvq::dequantize arguments; returns (axis, number of elements along it). `op` is
+    the op called: also kvq::dequant_matmul and kvq::remat_kv, whose packed operand this is."""
     check_bits_and_group(op, bits, group_size)
     torch._check(codes.dtype == torch.uint8, lambda: f"{op}: codes must be uint8, got {_dt(codes.dtype)}")
     torch._check(
@@ -91,11 +92,7 @@ def check_dequantize(
         dtype in FLOAT_DTYPES,
         lambda: f"{op}: dtype must be float32, float16 or bfloat16, got {_dt(dtype)}",
     )
-    torch._check(
-        scale.device == codes.device and zero.device == codes.device,
-        lambda: f"{op}: codes, scale and zero must be on one device, got {codes.device}, "
-        f"{scale.device} and {zero.device}",
-    )
+    _check_device(op, "codes", codes, scale=scale, zero=zero)
     ax = normalize_axis(op, "codes", axis, codes.dim())
     torch._check(
         codes.numel() > 0, lambda: f"{op}: codes must not be empty, got shape {list(codes.shape)}"
@@ -140,12 +137,13 @@ def _check_shape(op: str, name: str, t: torch.Tensor, expected: list[int], why: 
     )
 
 
-def _check_device(op: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+def _check_device(op: str, ref_name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Each of `tensors` on ref's device; the message says which tensor is where."""
     for name, t in tensors.items():
         if t is not None:
             torch._check(
                 t.device == ref.device,
-                lambda: f"{op}: {name} is on {t.device} but the first input is on {ref.device}; "
+                lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
                 "move every input to one device",
             )
 
@@ -232,9 +230,9 @@ def check_dequant_matmul(
         lambda: f"{op}: axis must be one of the last two dimensions (-1: groups along columns, "
         f"-2: groups along rows), got {axis}",
     )
-    _check_device(op, a, codes=codes, scale=scale, zero=zero, outlier_index=outlier_index,
+    _check_device(op, "a", a, codes=codes, scale=scale, zero=zero, outlier_index=outlier_index,
                   outlier_value=outlier_value)
-    ax, n = check_dequantize(codes, scale, zero, bits, group_size, ax, a.dtype)
+    ax, n = check_dequantize(codes, scale, zero, bits, group_size, ax, a.dtype, op)
     b_shape = with_axis(codes.shape, ax, n)
     rows, cols = b_shape[-2], b_shape[-1]
     torch._check(
@@ -285,7 +283,7 @@ def check_quant_attention(
         Hkv >= 1 and Hq % Hkv == 0,
         lambda: f"{op}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})",
     )
-    _check_device(op, query, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_bits=k_bits,
+    _check_device(op, "query", query, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_bits=k_bits,
                   v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_bits=v_bits, k_fp=k_fp,
                   v_fp=v_fp, fp_pos=fp_pos, q_exclude=q_exclude, k_outlier_index=k_outlier_index,
                   k_outlier_value=k_outlier_value, v_outlier_index=v_outlier_index,
@@ -303,29 +301,30 @@ def check_quant_attention(
     _check_shape(op, "v_fp", v_fp, [B, Hkv, F, D], "the shape of k_fp")
     torch._check(fp_pos.dtype == torch.int64, lambda: f"{op}: fp_pos must be int64, got {_dt(fp_pos.dtype)}")
     _check_shape(op, "fp_pos", fp_pos, [B, F], "one position per batch row and fp token, -1 for an empty slot")
-    # Worded and ordered like csrc/attention_args.h: one message per pair of pools.
-    for t in (k_bits, v_bits):
+    # Worded and ordered like csrc/attention_args.h.
+    for name, t in (("k_bits", k_bits), ("v_bits", v_bits)):
         torch._check(
             t.dtype == torch.int32 and t.dim() == 1,
-            lambda: f"{op}: k_bits and v_bits must be 1-D int32 (one width per block), got "
+            lambda: f"{op}: {name} must be a 1-D int32 tensor (one width per block), got "
             f"{_dt(t.dtype)} of rank {t.dim()}",
         )
     NB = k_bits.shape[0]
     _check_shape(op, "v_bits", v_bits, [NB], "one width per block, like k_bits")
-    for t in (k_codes, v_codes):
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
         torch._check(
             t.dtype == torch.uint8 and t.dim() == 3 and list(t.shape[:2]) == [B, Hkv],
-            lambda: f"{op}: k_codes and v_codes must be uint8 [batch, kv_heads, bytes] = [{B}, {Hkv}, n], "
+            lambda: f"{op}: {name} must be uint8 [batch, kv_heads, bytes] = [{B}, {Hkv}, n], "
             f"got {_dt(t.dtype)} {list(t.shape)}",
         )
     torch._check(
         k_scale.dtype in SCALE_DTYPES,
         lambda: f"{op}: k_scale must be float16 or float32, got {_dt(k_scale.dtype)}",
     )
-    for t in (k_zero, v_scale, v_zero):
+    for name, t in (("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
         torch._check(
             t.dtype == k_scale.dtype,
-            lambda: f"{op}: scales and zeros must all have k_scale's dtype {_dt(k_scale.dtype)}, got {_dt(t.dtype)}",
+            lambda: f"{op}: {name} must have k_scale's dtype {_dt(k_scale.dtype)} (scales and "
+            f"zeros share one dtype), got {_dt(t.dtype)}",
         )
     Q = NB * group_size
     _check_shape(op, "k_scale", k_scale, [B, Hkv, NB, D], "one per block and channel")
@@ -430,8 +429,8 @@ def check_remat_kv(
         lambda: f"{op}: codes must be [batch, tokens, packed channels] (rank 3), got rank {codes.dim()}",
     )
     _check_float(op, "weight", weight)
-    _check_device(op, codes, scale=scale, zero=zero, weight=weight, bias=bias, cos=cos, sin=sin)
-    _, d = check_dequantize(codes, scale, zero, bits, group_size, -1, weight.dtype)
+    _check_device(op, "codes", codes, scale=scale, zero=zero, weight=weight, bias=bias, cos=cos, sin=sin)
+    _, d = check_dequantize(codes, scale, zero, bits, group_size, -1, weight.dtype, op)
     N, T = codes.shape[0], codes.shape[1]
     torch._check(
         weight.dim() == 2 and weight.shape[1] == d,

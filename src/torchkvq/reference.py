@@ -228,8 +228,9 @@ def quant_attention(
     position q sees positions p with ``q - W < p <= q``. With ``softcap`` c, the scaled scores
     s become ``c * tanh(s / c)`` (Gemma 2). Query head h reads kv head ``h // (Hq / Hkv)``.
 
-    Returns ``out [B, Hq, L, D]`` (query's dtype; 0 for a query that sees nothing), ``lse
-    [B, Hq, L]`` (float32 log-sum-exp of the scaled scores, -inf when nothing is seen) and, with
+    Returns ``out [B, Hq, L, D]`` (query's dtype; 0 for a query that sees nothing, NaN for one
+    with a NaN or +inf score, e.g. from a NaN/Inf in it), ``lse [B, Hq, L]`` (float32
+    log-sum-exp of the scaled scores, -inf when nothing is seen, NaN with out) and, with
     ``return_stats``, ``stats [B, Hkv, Q + F]``: per held token, the largest attention
     probability any query head of its group and any query gave it (else an empty tensor).
     """
@@ -268,10 +269,16 @@ def quant_attention(
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask[:, None, None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    # A row with a NaN or +inf score among the tokens it sees (a NaN/Inf in its query or in a
+    # key) comes out NaN, out and lse, as in SDPA; a row that sees nothing comes out 0, lse -inf.
+    poisoned = (s.isnan() | (s == float("inf"))).any(dim=-1)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(poisoned, float("nan"))
+    seen = mask[:, None, None] & (lse > float("-inf"))[..., None]
+    p = torch.where(seen | poisoned[..., None], torch.exp(s - lse[..., None]), 0.0)
     out = torch.einsum("bkglt,bktd->bkgld", p, values).reshape(B, Hq, L, D).to(query.dtype)
-    stats = p.amax(dim=(2, 3)) if return_stats else query.new_empty(0, dtype=torch.float32)
+    # Poisoned rows give no token a probability in the stats (the kernels skip them too).
+    stats = (p.masked_fill(poisoned[..., None], 0.0).amax(dim=(2, 3)) if return_stats
+             else query.new_empty(0, dtype=torch.float32))
     return out, lse.reshape(B, Hq, L), stats
 
 

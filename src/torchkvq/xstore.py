@@ -41,6 +41,8 @@ class XStore:
     def __init__(self, batch_size: int, width: int, *, bits: int, group_size: int,
                  window_dtype: torch.dtype = torch.float16,
                  scale_dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu") -> None:
+        if batch_size < 1 or width < 1:
+            raise ValueError(f"XStore: batch_size and width must be >= 1, got {batch_size} and {width}")
         if not 1 <= bits <= 8:
             raise ValueError(f"XStore: bits must be in [1, 8], got {bits}")
         if group_size < 8 or group_size % 8 or width % group_size:
@@ -69,12 +71,25 @@ class XStore:
         return self._n_quantized
 
     def append(self, x: torch.Tensor) -> None:
-        """Add tokens ``x [batch, n, width]`` (finite floats) to the window, cast to its dtype."""
+        """Add tokens ``x [batch, n, width]`` (finite floats) to the window, cast to its dtype.
+        Every check comes before the first write: a failed append leaves the store unchanged."""
         B, W = self.batch_size, self.width
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"XStore.append: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[0] != B or x.shape[2] != W or x.shape[1] == 0:
             raise ValueError(f"XStore.append: x must be [batch={B}, n >= 1, width={W}], got {list(x.shape)}")
+        # Same rules as KVStore.append: no silent cast of integers or float64, no cross-device copy.
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"XStore.append: x must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"XStore.append: x is on {x.device} but the store is on {self.device}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("XStore.append: x contains NaN or Inf; the store was left unchanged")
+        if x.dtype != self.window_dtype and bool(x.abs().amax() > torch.finfo(self.window_dtype).max):
+            raise ValueError(
+                f"XStore.append: x holds values beyond {self.window_dtype}'s range (the window's "
+                "dtype), which would become Inf; use a wider window_dtype. The store was left unchanged"
+            )
         n, f = x.shape[1], self._n_window
         if f + n > self.window.shape[1]:
             self.window = _grow(self.window, 1, max(f + n, int(self.window.shape[1] * _GROWTH), 16))

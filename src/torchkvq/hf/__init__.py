@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..policies import Policy
 from ..policies.xquant import XQuant
 from .attention import kvq_attention_forward
-from .cache import ATTN_IMPLEMENTATION, KVQCache, KVQLayer
+from .cache import ATTN_IMPLEMENTATION, KVQCache, KVQLayer, install_fit_check
 from .xquant import XQuantCache, patch_model
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvq_attention_forward)
@@ -49,6 +49,7 @@ def enable(model, policy: Policy) -> KVQCache | XQuantCache:
     except Exception:
         model.set_attn_implementation(previous)  # a refused model is left as it was
         raise
+    install_fit_check(model)
     model.eval()
     return cache
 

@@ -94,6 +94,23 @@ class KVQLayer(CacheLayerMixin):
         )
 
 
+_FIT_CHECK = "_torchkvq_fit_check"
+
+
+def _check_fit(model, args, kwargs) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, KVQCache):
+        cache.check_fits(model.config)
+
+
+def install_fit_check(model) -> None:
+    """A forward pre-hook on `model` (idempotent; :func:`torchkvq.hf.enable` installs it) that
+    refuses a KVQCache built for another layer count before any layer runs, so the failed
+    forward leaves the cache as it was. Other caches pass untouched."""
+    if getattr(model, _FIT_CHECK, None) is None:
+        setattr(model, _FIT_CHECK, model.register_forward_pre_hook(_check_fit, with_kwargs=True))
+
+
 class KVQCache(Cache):
     """A compressed KV cache for ``model.generate(..., past_key_values=cache)`` and forward calls.
 
@@ -147,7 +164,21 @@ class KVQCache(Cache):
             for t, kw in zip(layer_types, layer_kwargs)
         ])
 
+    def check_fits(self, config) -> None:
+        """Raise unless a model of `config` has this cache's layer count. Called before a
+        forward touches the cache (:func:`install_fit_check`): with a deeper model the layers
+        before the first missing one would take the step's tokens, and with a shallower one
+        the cache would silently keep layers nobody updates."""
+        n = len(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
+        if n != len(self.layers):
+            raise ValueError(
+                f"KVQCache: the model has {n} layers but this cache was built for a config with "
+                f"{len(self.layers)}; a cache serves one model: build it from this model's config "
+                "(torchkvq.hf.enable(model, policy) or KVQCache(model.config, policy))"
+            )
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # The last line of defence for models whose forward install_fit_check does not see.
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(
                 f"KVQCache: the model updates layer {layer_idx} but this cache was built for a "

@@ -66,6 +66,7 @@ def _check_keys_are_rope_of_projection(model, layers: list) -> None:
 def _capture_residual(layer_module, args, kwargs):
     cache = kwargs.get("past_key_values")
     if isinstance(cache, XQuantCache):
+        cache.check_layer(layer_module)
         h = args[0] if args else kwargs["hidden_states"]
         cache.layers[layer_module.self_attn.layer_idx].pending_residual = h
 
@@ -201,11 +202,26 @@ class XQuantCache(Cache):
         patch_model(model)
         self.policy = policy
         self._weights = _layer_weights(model, policy)
+        self._decoder_layers = layers  # the model's modules: check_layer tells another model's
         self._norms = [l.input_layernorm for l in layers]
         self._rotary = getattr(model, "model", model).rotary_emb
         self.tokens: TokenIndex | None = None
         self.accumulator = Accumulator() if isinstance(policy, XQuantCL) else None
         super().__init__(layers=[XQuantLayer(self, i) for i in range(len(layers))])
+
+    def check_layer(self, layer_module) -> None:
+        """Raise unless `layer_module` is the decoder layer of the model this cache was built
+        for. The cache rematerializes K and V with that model's projections, so another model -
+        even one of the same config - would attend over the wrong keys. Called by the first hook
+        of each layer, before anything is cached, so a refused forward leaves the cache as it was."""
+        idx = layer_module.self_attn.layer_idx
+        if not (0 <= idx < len(self._decoder_layers) and self._decoder_layers[idx] is layer_module):
+            raise ValueError(
+                f"XQuantCache: layer {idx} of this model is not a layer of the model the cache was "
+                "built for (the cache rematerializes keys and values with that model's "
+                "projections); build a cache for this model: torchkvq.hf.enable(model, policy) or "
+                "XQuantCache(model, policy)"
+            )
 
     def _make_store(self, index: int, batch_size: int, device: torch.device) -> RematStore:
         w = self._weights[index]
