@@ -524,7 +524,7 @@ def _hf_rows() -> list[Row]:
         Row(f"{XQ}()", "sliding-window model", lambda _: XQuantCache(enabled(layer_types=["sliding_attention", "full_attention"], sliding_window=8)[0], xq_policy()), NotImplementedError,
             "XQuant serves full-attention decoders only"),
         Row(f"{K}()", "an XQuant policy", lambda _: KVQCache(kvq_config(), xq_policy()), TypeError, "caches the layer input, not keys and values"),
-        Row(f"{XQ} forward", "mismatched batch (cache vs query)", lambda mc: forward(*mc, batch=2), ValueError, r"XStore.append: x must be \[batch=1, .*got \[2, 1, 64\]", setup=xq_prefilled),
+        Row(f"{XQ} forward", "mismatched batch (cache vs query)", lambda mc: forward(*mc, batch=2), ValueError, r"RematStore.append: the layer input must be \[batch=1, n, hidden\], got \[2, 1, 64\]; a cache serves the batch it was built for: build a new one", setup=xq_prefilled),
         Row(f"{XQ} forward", "cache used with another model (same config)", lambda mc: forward(enabled(xq_policy())[0], mc[1]), ValueError,
             "layer 0 of this model is not a layer of the model the cache was built for", setup=xq_prefilled),
         Row(f"{XQ} forward", "cache used with another model's config (more layers)", lambda mc: forward(enabled(xq_policy(), num_hidden_layers=3)[0], mc[1]), ValueError,

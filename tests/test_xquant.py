@@ -240,7 +240,10 @@ def test_misuse_raises():
         st.append(torch.full((1, 2, 32), float("nan")))
     with pytest.raises(ValueError, match=r"x must be \[batch=1, n >= 1, width=32\]"):
         st.append(torch.randn(1, 2, 16))
-    assert st.n_tokens == 4 and st.n_quantized == 0
+    before = st.window.clone()
+    with pytest.raises(ValueError, match="beyond torch.float16's range"):  # checked alone, as append does
+        st.check_append(torch.full((1, 2, 32), 1e5))
+    assert st.n_tokens == 4 and st.n_quantized == 0 and torch.equal(st.window, before)
 
 
 def test_sliding_window_models_refused():

@@ -207,10 +207,18 @@ class RematStore:
     def append(self, x: torch.Tensor, positions: torch.Tensor) -> None:
         """Cache the new tokens' input ``x [batch, n, hidden]`` (X, or the residual stream for
         XQuant-CL) at RoPE positions ``[batch or 1, n]``; they wait in the window."""
+        rows = self.stores[0].batch_size
+        if x.dim() != 3 or x.shape[0] != rows:
+            raise ValueError(
+                f"RematStore.append: the layer input must be [batch={rows}, n, hidden], got {list(x.shape)}; "
+                "a cache serves the batch it was built for: build a new one (torchkvq.hf.new_cache) for another"
+            )
         encoded = [x if s.encode is None else x.to(s.encode.dtype) @ s.encode for s in self.weights.streams]
         for e in encoded:
             if not bool(torch.isfinite(e).all()):
                 raise ValueError("RematStore.append: the layer input contains NaN or Inf; nothing was cached")
+        for st, e in zip(self.stores, encoded):  # every stream checked before any is written
+            st.check_append(e)
         for st, e in zip(self.stores, encoded):
             st.append(e)
         self.tokens.extend(positions, self.n_tokens)

@@ -72,7 +72,18 @@ class XStore:
 
     def append(self, x: torch.Tensor) -> None:
         """Add tokens ``x [batch, n, width]`` (finite floats) to the window, cast to its dtype.
-        Every check comes before the first write: a failed append leaves the store unchanged."""
+        Every check (:meth:`check_append`) comes before the first write: a failed append leaves
+        the store unchanged."""
+        self.check_append(x)
+        n, f = x.shape[1], self._n_window
+        if f + n > self.window.shape[1]:
+            self.window = _grow(self.window, 1, max(f + n, int(self.window.shape[1] * _GROWTH), 16))
+        self.window[:, f : f + n] = x
+        self._n_window += n
+
+    def check_append(self, x: torch.Tensor) -> None:
+        """Raise what :meth:`append` would raise for `x`, changing nothing (so that a caller
+        appending to several stores can check them all before writing to any)."""
         B, W = self.batch_size, self.width
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"XStore.append: x must be a torch.Tensor, got {type(x).__name__}")
@@ -90,11 +101,6 @@ class XStore:
                 f"XStore.append: x holds values beyond {self.window_dtype}'s range (the window's "
                 "dtype), which would become Inf; use a wider window_dtype. The store was left unchanged"
             )
-        n, f = x.shape[1], self._n_window
-        if f + n > self.window.shape[1]:
-            self.window = _grow(self.window, 1, max(f + n, int(self.window.shape[1] * _GROWTH), 16))
-        self.window[:, f : f + n] = x
-        self._n_window += n
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, scale, zero)`` of the quantized tokens (views, ``[batch, n_quantized, ...]``)."""
