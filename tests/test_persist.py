@@ -26,7 +26,7 @@ from torchkvq.hf import KVQCache, enable, persist  # noqa: E402
 from torchkvq.policies import KIVI, QAQ, LogQuant, get_policy  # noqa: E402
 from torchkvq.store import KVStore, Outliers  # noqa: E402
 
-from tiny_models import random_ids, tiny_config, tiny_model  # noqa: E402
+from tiny_models import random_ids, tiny_model  # noqa: E402
 
 POLICIES = {
     "kivi": lambda: KIVI(key_bits=2, value_bits=4, group_size=8, residual=8, sinks=2),

@@ -8,7 +8,6 @@ import importlib.util
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("psutil")

@@ -466,7 +466,7 @@ class KVStore:
     def _write_run(self, keys, values, start, end, nb0, widths) -> None:
         """Quantize blocks [start, end) of the new tokens, all of widths (kb, vb), into the pools."""
         kb, vb = widths
-        G, D, vg = self.group_size, self.head_dim, self.value_group_size
+        G, vg = self.group_size, self.value_group_size
         B, H = self.batch_size, self.kv_heads
         k = keys[:, :, start * G : end * G]
         v = values[:, :, start * G : end * G]
