@@ -54,16 +54,19 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "qaq-8": lambda: QAQ(min_bits=8, max_bits=8, residual=32, group_size=32),
 }
 
-# XQuant caches the layer input and rebuilds keys as RoPE(X·W_k + b): it serves full-attention,
-# Llama-layout decoders whose keys are exactly that, and refuses the rest with these reasons.
+# XQuant caches the layer input and rebuilds keys as RoPE(k_norm(X·W_k + b)): it serves
+# full-attention, Llama-layout decoders whose keys are exactly that (k_norm: a per-head QK-norm,
+# or none), and refuses the rest with these reasons.
 XQUANT_POLICIES: dict[str, Callable[[], Policy]] = {
     "xquant-8": lambda: XQuant(bits=8, group_size=32, residual=32, block=32),
     "xquant-cl-8": lambda: XQuantCL(bits=8, group_size=32, residual=32, block=32, first_layers=0),
+    # X itself (not the latents the GQA families get by default) and V absorbed
+    "xquant-8-x-absorb": lambda: XQuant(bits=8, group_size=32, residual=32, block=32, mode="x", absorb_values=True),
 }
 _SLIDING, _LAYOUT = "XQuant serves full-attention decoders only", "is not a Llama-style decoder"
 XQUANT_REFUSES = {
     "mistral-sliding": _SLIDING, "qwen2-sliding": _SLIDING, "ministral": _SLIDING, "gemma2": _SLIDING,
-    "gpt_oss": _SLIDING, "gemma3": _SLIDING, "qwen3": r"normalizes its keys \(self_attn\.k_norm",
+    "gpt_oss": _SLIDING, "gemma3": _SLIDING,
     "phi3": _LAYOUT, "gpt2": _LAYOUT, "opt": _LAYOUT, "gpt_neox": _LAYOUT, "olmo2": _LAYOUT,
     "phi": r"rotates 40 of its 80 key channels \(partial rotary\)",
 }
@@ -371,6 +374,21 @@ def test_xquant_generate_matches_fp_cache_or_refuses(family, policy):
     got = generate(model, ids, cache)
     assert len(cache.stores) == 2 and all(s.n_quantized >= PROMPT - 64 for s in cache.stores)
     assert_greedy_matches_fp(model, got, ref, TOL_8BIT)
+
+
+def test_xquant_refuses_a_key_norm_over_more_than_a_head():
+    """XQuant applies k_norm per head (Qwen3's form); a norm over the whole projection (OLMo-2's
+    form) on an otherwise Llama-layout model is refused, not applied per head."""
+    fam = FAMILY_BY_ID["qwen3"]
+    cfg = AutoConfig.for_model(fam.model_type, **{**COMMON, **fam.config})
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim
+    for layer in model.model.layers:
+        layer.self_attn.k_norm = torch.nn.RMSNorm(kv_dim)
+    with pytest.raises(NotImplementedError, match=rf"layer 0 normalizes its keys with a k_norm that is not "
+                       rf"a per-head norm over head_dim={cfg.head_dim} \(weight shape \({kv_dim},\)\)"):
+        kvq_hf.enable(model, XQUANT_POLICIES["xquant-8"]())
+    assert model.config._attn_implementation == "sdpa"  # refused before anything changed
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)

@@ -181,18 +181,22 @@ class RematStore:
         accumulator: XQuant-CL's shared :class:`Accumulator` (then the single stream holds the
             residual stream's deltas and `norm` turns the accumulated residual into X).
         norm: the layer's input norm (XQuant-CL only).
+        key_norm: the layer's key norm for QK-norm models (``[B, T, n_k] -> [B, T, n_k]``,
+            applied to the rebuilt keys before RoPE, as the model applies it to its own), or None.
         last: whether this is the model's last layer (it releases the accumulator and the rotary tables).
     """
 
     def __init__(self, layer: int, weights: LayerWeights, tokens: TokenIndex, stores: list[XStore],
                  absorb_values: bool = False, accumulator: Accumulator | None = None,
-                 norm: Callable[[torch.Tensor], torch.Tensor] | None = None, last: bool = False) -> None:
+                 norm: Callable[[torch.Tensor], torch.Tensor] | None = None, last: bool = False,
+                 key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if len(stores) != len(weights.streams):
             raise ValueError("RematStore: one XStore per stream")
         if accumulator is not None and (norm is None or len(stores) != 1):
             raise ValueError("RematStore: XQuant-CL needs one stream (the residual) and the layer's norm")
         self.layer, self.weights, self.tokens, self.stores = layer, weights, tokens, stores
         self.absorb_values, self.accumulator, self.norm, self.last = absorb_values, accumulator, norm, last
+        self.key_norm = key_norm
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -258,26 +262,31 @@ class RematStore:
             return empty, empty
         w = s.weight[:n_out].to(dtype)
         b = None if s.bias is None else s.bias[:n_out].to(dtype)
+        kn = self.key_norm
+
+        def rope_keys(out: torch.Tensor, c: torch.Tensor, sn: torch.Tensor) -> torch.Tensor:
+            k = out[..., : s.n_k] if kn is None else kn(out[..., : s.n_k])
+            return torch.cat([_rope(k, c, sn, D), out[..., s.n_k :]], -1)
+
         parts = []
         if Q:
             if self.accumulator is not None:
                 out = torch.nn.functional.linear(self.norm(self.accumulator.acc.to(dtype)), w, b)
-                if s.n_k:
-                    out = torch.cat([_rope(out[..., : s.n_k], cos[:, :Q], sin[:, :Q], D), out[..., s.n_k :]], -1)
-                parts.append(out)
+                parts.append(rope_keys(out, cos[:, :Q], sin[:, :Q]) if s.n_k else out)
             else:
                 codes, scale, zero = st.quantized()
-                rc, rs = (cos[:, :Q].to(dtype), sin[:, :Q].to(dtype)) if s.n_k else (None, None)
-                # the kernel applies RoPE to the key channels itself
-                parts.append(ops.remat_kv(codes, scale, zero, st.bits, st.group_size, w, b, rc, rs, s.n_k))
+                if s.n_k and kn is None:  # the kernel applies RoPE to the key channels itself
+                    rc, rs = cos[:, :Q].to(dtype), sin[:, :Q].to(dtype)
+                    parts.append(ops.remat_kv(codes, scale, zero, st.bits, st.group_size, w, b, rc, rs, s.n_k))
+                else:  # no keys, or keys normalized before RoPE: the kernel must not rotate them
+                    out = ops.remat_kv(codes, scale, zero, st.bits, st.group_size, w, b)
+                    parts.append(rope_keys(out, cos[:, :Q], sin[:, :Q]) if s.n_k else out)
         if st.n_tokens > Q:
             x = st.window_tokens().to(dtype)
             if self.accumulator is not None:
                 x = self.norm(x)
             out = torch.nn.functional.linear(x, w, b)
-            if s.n_k:
-                out = torch.cat([_rope(out[..., : s.n_k], cos[:, Q:], sin[:, Q:], D), out[..., s.n_k :]], -1)
-            parts.append(out)
+            parts.append(rope_keys(out, cos[:, Q:], sin[:, Q:]) if s.n_k else out)
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return out[..., : s.n_k], out[..., s.n_k :]
 

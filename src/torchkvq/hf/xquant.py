@@ -41,17 +41,20 @@ def _decoder_layers(model) -> list:
 
 
 def _check_keys_are_rope_of_projection(model, layers: list) -> None:
-    """XQuant rebuilds each key as RoPE(X·W_k + b) over the whole head; refuse models whose keys
-    are anything else rather than attend over wrong keys."""
-    normed = [i for i, l in enumerate(layers) if getattr(l.self_attn, "k_norm", None) is not None]
-    if normed:
-        raise NotImplementedError(
-            f"XQuant: {type(model).__name__} normalizes its keys (self_attn.k_norm, QK-norm, in layers "
-            f"{normed[:4]}{'...' if len(normed) > 4 else ''}); rematerializing them is not supported yet "
-            "(use a KVQCache policy such as KIVI, which caches the keys after the norm)"
-        )
+    """XQuant rebuilds each key as RoPE(k_norm(X·W_k + b)) over whole heads (k_norm: QK-norm
+    models' per-head key norm, else none); refuse models whose keys are anything else rather
+    than attend over wrong keys."""
     cfg = model.config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for i, l in enumerate(layers):
+        kn = getattr(l.self_attn, "k_norm", None)
+        if kn is not None and getattr(getattr(kn, "weight", None), "shape", None) != (head_dim,):
+            raise NotImplementedError(
+                f"XQuant: {type(model).__name__} layer {i} normalizes its keys with a k_norm that is not "
+                f"a per-head norm over head_dim={head_dim} (weight shape "
+                f"{tuple(getattr(getattr(kn, 'weight', None), 'shape', ()))}); rematerializing such keys is "
+                "not supported yet (use a KVQCache policy such as KIVI, which caches the keys after the norm)"
+            )
     w = layers[0].self_attn.k_proj.weight
     cos, _ = getattr(model, "model", model).rotary_emb(
         torch.zeros(1, dtype=w.dtype, device=w.device), torch.zeros(1, 1, dtype=torch.long, device=w.device))
@@ -61,6 +64,14 @@ def _check_keys_are_rope_of_projection(model, layers: list) -> None:
             "(partial rotary); rematerialization applies RoPE to whole heads, so this is not supported "
             "yet (use a KVQCache policy)"
         )
+
+
+def _per_head(norm):
+    """``[B, T, heads * head_dim] -> same``: a norm over head_dim applied to every head."""
+    if norm is None:
+        return None
+    head_dim = norm.weight.shape[0]
+    return lambda k: norm(k.unflatten(-1, (-1, head_dim))).flatten(-2)
 
 
 def _capture_residual(layer_module, args, kwargs):
@@ -204,6 +215,7 @@ class XQuantCache(Cache):
         self._weights = _layer_weights(model, policy)
         self._decoder_layers = layers  # the model's modules: check_layer tells another model's
         self._norms = [l.input_layernorm for l in layers]
+        self._key_norms = [_per_head(getattr(l.self_attn, "k_norm", None)) for l in layers]
         self._rotary = getattr(model, "model", model).rotary_emb
         self.tokens: TokenIndex | None = None
         self.accumulator = Accumulator() if isinstance(policy, XQuantCL) else None
@@ -236,7 +248,7 @@ class XQuantCache(Cache):
         return RematStore(index, w, self.tokens, stores, absorb_values=p.absorb_values,
                           accumulator=self.accumulator,
                           norm=self._norms[index] if self.accumulator is not None else None,
-                          last=index == len(self._weights) - 1)
+                          last=index == len(self._weights) - 1, key_norm=self._key_norms[index])
 
     @property
     def stores(self) -> list[RematStore]:
