@@ -438,7 +438,7 @@ MATRIX: list[Row] = [
     Row("KVStore.attend", "wrong rank", lambda s: s.attend(rnd(2, 4, 64)), ValueError, r"query must be \[batch, q_heads, L, head_dim\]", setup=store),
     Row("KVStore.attend", "more queries than tokens held", lambda s: s.attend(rnd(2, 4, 41, 64)), ValueError, "with L <= the 40 tokens held", setup=store),
     Row("KVStore.attend", "wrong dtype (float64)", lambda s: s.attend(rnd(2, 4, 1, 64).double()), RuntimeError, "kvq::quant_attention: query must be float32, float16 or bfloat16, got Double", setup=store),
-    Row("KVStore.attend", "wrong device", lambda s: s.attend(rnd(2, 4, 1, 64).to("meta")), RuntimeError, "kvq::quant_attention: k_codes is on cpu but query is on meta", setup=store),
+    Row("KVStore.attend", "wrong device", lambda s: s.attend(rnd(2, 4, 1, 64).to("meta")), ValueError, "KVStore.attend: query is on meta but the store is on cpu; move the query to the store's device", setup=store),
     # XStore (XQuant's per-layer store of the layer input)
     Row("XStore()", "batch/width < 1", lambda _: XStore(0, 64, bits=2, group_size=32), ValueError, "batch_size and width must be >= 1, got 0 and 64"),
     Row("XStore()", "bits out of range", lambda _: XStore(2, 64, bits=9, group_size=32), ValueError, r"XStore: bits must be in \[1, 8\], got 9"),

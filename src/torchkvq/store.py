@@ -692,6 +692,11 @@ class KVStore:
                 f"{self._horizon} would see; attend with at most the {self._n_tokens - self._horizon} "
                 f"newest tokens as queries, got L = {query.shape[2]}"
             )
+        if query.device != self.k_codes.device:
+            raise ValueError(
+                f"KVStore.attend: query is on {query.device} but the store is on {self.k_codes.device}; "
+                "move the query to the store's device"
+            )
         if self.window is not None and not causal:
             raise ValueError("KVStore.attend: a sliding-window store attends causally (causal=True)")
         if scale is None:
