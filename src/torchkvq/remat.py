@@ -24,7 +24,7 @@ import torch
 
 from . import ops
 from .reference import rotate_half_rope
-from .xstore import XStore
+from .xstore import _GROWTH, XStore, _grow
 
 
 @dataclass
@@ -90,26 +90,43 @@ class TokenIndex:
     def __init__(self, batch_size: int, rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                  device: torch.device | str) -> None:
         self.batch_size, self._rope = batch_size, rope
-        self.positions = torch.zeros(batch_size, 0, dtype=torch.int64, device=device)
-        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        # capacity grows by 1.25x (as the XStores do), so a decode step does not copy the index
+        self._positions = torch.zeros(batch_size, 0, dtype=torch.int64, device=device)
+        self._valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self._n = 0
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
-        return self.positions.shape[1]
+        return self._n
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """RoPE position of every token ``[batch, n]`` int64 (a view)."""
+        return self._positions[:, : self._n]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[batch, n]`` bool, False for padding (a view: padding is marked in place)."""
+        return self._valid[:, : self._n]
 
     def extend(self, positions: torch.Tensor, total: int) -> None:
         """Record the positions ``[batch or 1, n]`` of the newest tokens if no layer did yet."""
-        if self.n >= total:
+        if self._n >= total:
             return
-        pos = positions.to(self.positions.device).expand(self.batch_size, -1)
-        self.positions = torch.cat([self.positions, pos], dim=1)
-        self.valid = torch.cat([self.valid, torch.ones_like(pos, dtype=torch.bool)], dim=1)
+        pos = positions.to(self._positions.device).expand(self.batch_size, -1)
+        n, k = self._n, pos.shape[1]
+        if n + k > self._positions.shape[1]:
+            cap = max(n + k, int(self._positions.shape[1] * _GROWTH))
+            self._positions, self._valid = (_grow(t, 1, cap) for t in (self._positions, self._valid))
+        self._positions[:, n : n + k] = pos
+        self._valid[:, n : n + k] = True
+        self._n = n + k
         self._tables = None
 
     def mark_padding(self, valid: torch.Tensor) -> None:
         n = valid.shape[-1]
-        self.valid[:, self.n - n :] &= valid.to(self.valid.device)
+        self._valid[:, self._n - n : self._n] &= valid.to(self._valid.device)
 
     def tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[batch, n, head_dim]`` at the first `n` tokens' positions."""
@@ -124,8 +141,12 @@ class TokenIndex:
         self._tables = None
 
     def nbytes(self) -> int:
-        """Bytes of the positions and padding flags."""
-        return sum(t.numel() * t.element_size() for t in (self.positions, self.valid))
+        """Bytes of the positions and padding flags held, capacity included."""
+        return sum(t.numel() * t.element_size() for t in (self._positions, self._valid))
+
+    def nbytes_in_use(self) -> int:
+        """Bytes of the positions and padding flags of the tokens held (9 per token and row)."""
+        return self.batch_size * self._n * (8 + 1)
 
     def tables_nbytes(self) -> int:
         """Bytes of the rotary tables while a step holds them (0 between steps)."""

@@ -265,7 +265,11 @@ class XQuantCache(Cache):
         for s in self.stores:
             for k, v in s.nbytes_breakdown().items():
                 total[k] = total.get(k, 0) + v
-        total["bookkeeping"] = self.tokens.nbytes() if self.tokens is not None else 0
+        if self.tokens is not None:  # the shared token index: in use, and its spare capacity
+            total["bookkeeping"] = self.tokens.nbytes_in_use()
+            total["reserved"] = total.get("reserved", 0) + self.tokens.nbytes() - self.tokens.nbytes_in_use()
+        else:
+            total["bookkeeping"] = 0
         total["rotary_tables"] = self.tokens.tables_nbytes() if self.tokens is not None else 0
         total["accumulator"] = self.accumulator.nbytes() if self.accumulator is not None else 0
         return total
