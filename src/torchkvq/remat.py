@@ -239,13 +239,10 @@ class RematStore:
                 "a cache serves the batch it was built for: build a new one (torchkvq.hf.new_cache) for another"
             )
         encoded = [x if s.encode is None else x.to(s.encode.dtype) @ s.encode for s in self.weights.streams]
-        for e in encoded:
-            if not bool(torch.isfinite(e).all()):
-                raise ValueError("RematStore.append: the layer input contains NaN or Inf; nothing was cached")
-        for st, e in zip(self.stores, encoded):  # every stream checked before any is written
+        for st, e in zip(self.stores, encoded):  # every stream checked (NaN/Inf included) before any is written
             st.check_append(e)
         for st, e in zip(self.stores, encoded):
-            st.append(e)
+            st.write(e)
         self.tokens.extend(positions, self.n_tokens)
 
     def mark_padding(self, valid: torch.Tensor) -> None:

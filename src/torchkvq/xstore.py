@@ -75,6 +75,10 @@ class XStore:
         Every check (:meth:`check_append`) comes before the first write: a failed append leaves
         the store unchanged."""
         self.check_append(x)
+        self.write(x)
+
+    def write(self, x: torch.Tensor) -> None:
+        """:meth:`append` without its checks, for a caller that ran :meth:`check_append` on `x`."""
         n, f = x.shape[1], self._n_window
         if f + n > self.window.shape[1]:
             self.window = _grow(self.window, 1, max(f + n, int(self.window.shape[1] * _GROWTH), 16))

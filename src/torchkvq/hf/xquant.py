@@ -40,20 +40,23 @@ def _decoder_layers(model) -> list:
     return list(layers)
 
 
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def _check_keys_are_rope_of_projection(model, layers: list) -> None:
     """XQuant rebuilds each key as RoPE(k_norm(X·W_k + b)) over whole heads (k_norm: QK-norm
     models' per-head key norm, else none); refuse models whose keys are anything else rather
     than attend over wrong keys."""
-    cfg = model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(model.config.get_text_config(decoder=True))
     for i, l in enumerate(layers):
         kn = getattr(l.self_attn, "k_norm", None)
-        if kn is not None and getattr(getattr(kn, "weight", None), "shape", None) != (head_dim,):
+        shape = tuple(getattr(kn, "weight", torch.empty(0)).shape)
+        if kn is not None and shape != (head_dim,):
             raise NotImplementedError(
                 f"XQuant: {type(model).__name__} layer {i} normalizes its keys with a k_norm that is not "
-                f"a per-head norm over head_dim={head_dim} (weight shape "
-                f"{tuple(getattr(getattr(kn, 'weight', None), 'shape', ()))}); rematerializing such keys is "
-                "not supported yet (use a KVQCache policy such as KIVI, which caches the keys after the norm)"
+                f"a per-head norm over head_dim={head_dim} (weight shape {shape}); rematerializing such keys "
+                "is not supported yet (use a KVQCache policy such as KIVI, which caches the keys after the norm)"
             )
     w = layers[0].self_attn.k_proj.weight
     cos, _ = getattr(model, "model", model).rotary_emb(
@@ -106,7 +109,7 @@ def _layer_weights(model, policy: XQuant) -> list[LayerWeights]:
     """Each layer's projections in XQuant's form, computed once per model and mode (the SVD is
     the offline step)."""
     cfg = model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(cfg)
     kv_heads = cfg.num_key_value_heads
     mode = "x" if isinstance(policy, XQuantCL) else policy.resolve_mode(cfg.hidden_size, kv_heads * head_dim)
     memo = model.__dict__.setdefault("_torchkvq_xquant_weights", {})
@@ -265,12 +268,10 @@ class XQuantCache(Cache):
         for s in self.stores:
             for k, v in s.nbytes_breakdown().items():
                 total[k] = total.get(k, 0) + v
-        if self.tokens is not None:  # the shared token index: in use, and its spare capacity
-            total["bookkeeping"] = self.tokens.nbytes_in_use()
-            total["reserved"] = total.get("reserved", 0) + self.tokens.nbytes() - self.tokens.nbytes_in_use()
-        else:
-            total["bookkeeping"] = 0
-        total["rotary_tables"] = self.tokens.tables_nbytes() if self.tokens is not None else 0
+        t = self.tokens  # the shared token index: in use, its spare capacity, the step's tables
+        total["bookkeeping"] = t.nbytes_in_use() if t is not None else 0
+        total["reserved"] = total.get("reserved", 0) + (t.nbytes() - t.nbytes_in_use() if t is not None else 0)
+        total["rotary_tables"] = t.tables_nbytes() if t is not None else 0
         total["accumulator"] = self.accumulator.nbytes() if self.accumulator is not None else 0
         return total
 
