@@ -8,6 +8,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${TORCHKVQ_VENV:-$root/.venv}
 extras=${1:-}
 
+# One setup at a time per environment: two at once (main.sh and test.sh started together on a
+# fresh machine) interleave their pip installs and leave a broken setuptools behind.
+if command -v flock >/dev/null; then
+  exec 9>"$venv.lock"
+  flock 9
+fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
 pip=("$py" -m pip install -q --disable-pip-version-check)
