@@ -190,6 +190,9 @@ def soak(m, prompt: torch.Tensor, name: str, tokens: int, every: int, warmup: in
                 in_use, alloc = acct.in_use(), acct.allocated()
                 br = cache.nbytes_breakdown()
                 n_tokens, n_quantized, n_fp = acct.tokens()
+                # collect first so the count is of live objects: uncollected garbage makes a
+                # sawtooth whose rising edges read as a leak
+                gc.collect()
                 row = {
                     "step": step, "tokens": n_tokens, "nbytes": cache.nbytes(),
                     "allocated": alloc, "in_use": in_use, "store_in_use": cache.nbytes() - br["reserved"],
