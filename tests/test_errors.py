@@ -490,6 +490,7 @@ def _hf_rows() -> list[Row]:
         Row(f"{K}()", "group not a multiple of 8", lambda _: KVQCache(kvq_config(), KIVI(group_size=12)), ValueError, "KIVI: group_size must be a positive multiple of 8, got 12"),
         Row(f"{K}()", "negative sinks (KIVI)", lambda _: KVQCache(kvq_config(), KIVI(sinks=-1)), ValueError, r"KIVI: sinks must be >= 0 \(0 keeps no attention sinks\), got -1"),
         Row(f"{K}()", "negative sinks (QAQ)", lambda _: KVQCache(kvq_config(), QAQ(sinks=-1)), ValueError, r"QAQ: sinks must be >= 0 \(0 keeps no attention sinks\), got -1"),
+        Row(f"{K}()", "negative sinks (LogQuant)", lambda _: KVQCache(kvq_config(), LogQuant(sinks=-1)), ValueError, r"LogQuant: sinks must be >= 0 \(0 keeps only the rule's selection\), got -1"),
         Row(f"{K}()", "bidirectional-attention model", lambda _: KVQCache(kvq_config(use_bidirectional_attention=True), KIVI()), NotImplementedError, "bidirectional attention is not supported"),
         # update: what a model forward does (the cache is unchanged after each failure)
         Row(f"{K}.update", "mismatched batch (cache vs query)", lambda mc: forward(*mc, batch=2), ValueError,

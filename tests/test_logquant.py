@@ -101,17 +101,45 @@ def test_attention_sees_pinned_tokens_in_full_precision():
     torch.testing.assert_close(keys[:, :, sorted(index.log)], kf)
 
 
+@pytest.mark.parametrize("prompt, steps", [(5, 100), (200, 77)])
+def test_sinks_are_pinned_for_good_beside_the_selection(prompt, steps):
+    policy = LogQuant(window=8, bits=2, group_size=8, sinks=3)
+    store, index = _run(policy, prompt, steps)
+    assert store.pinned == frozenset(index.log) | {0, 1, 2}
+    assert {0, 1, 2} <= set(store.fp_positions)
+    excluded = store.q_exclude[0, : store.n_quantized].nonzero().flatten().tolist()
+    assert set(excluded) == (set(index.log) | {0, 1, 2}) & set(range(store.n_quantized))
+
+
+def test_sinks_follow_each_rows_left_padding():
+    policy = LogQuant(window=8, bits=2, group_size=8, sinks=2)
+    store, state = policy.make_store(2, 2, 64, torch.float32, "cpu"), policy.new_state()
+    valid = torch.ones(2, 60, dtype=torch.bool)
+    valid[1, :5] = False  # row 1's real tokens start at position 5
+    store.append(torch.randn(2, 2, 60, 64), torch.randn(2, 2, 60, 64), valid=valid)
+    policy.after_append(store, state)
+    for _ in range(40):
+        store.append(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+        policy.after_append(store, state)
+    # the rule keeps position 0 (padding for row 1); the sinks add each row's first real tokens
+    assert store.pinned == frozenset(state.log) | {0, 1, 5, 6}
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match="window"):
         LogQuant(window=0).validate()
     with pytest.raises(ValueError, match="bits"):
         LogQuant(bits=9).validate()
+    with pytest.raises(ValueError, match=r"LogQuant: sinks must be >= 0"):
+        LogQuant(sinks=-1).validate()
 
 
 def test_registered_configurations():
     from torchkvq.policies import get_policy
 
-    for name, window in (("logquant-2", 48), ("logquant-2-w28", 28)):
+    for name, window, sinks in (("logquant-2", 48, 0), ("logquant-2-w28", 28, 0), ("logquant-2-w28-s4", 28, 4),
+                                ("logquant-2-s4", 48, 4)):
         p = get_policy(name)
         p.validate()
-        assert isinstance(p, LogQuant) and (p.window, p.bits, p.window_dtype) == (window, 2, torch.float16)
+        assert isinstance(p, LogQuant)
+        assert (p.window, p.bits, p.sinks, p.window_dtype) == (window, 2, sinks, torch.float16)

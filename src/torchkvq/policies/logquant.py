@@ -63,12 +63,18 @@ class LogQuant(Policy):
     history is never re-quantized from dequantized values. In a sliding-window layer, log
     positions (position 0 included) are dropped once they leave the layer's window.
 
+    The rule's position 0 is the first position of the batch, which for a left-padded row is
+    padding. ``sinks`` adds each row's first real tokens (after its padding), pinned for good as
+    KIVI's are (:meth:`KVStore.sink_positions`); the default 0 is the paper's rule alone.
+
     Args:
         window: W; the local window holds W..2W tokens, the log set at most W.
         bits: width of keys and values outside the selection.
         group_size: tokens per quantized block (the key group).
         value_group_size: channels per value group (default ``min(group_size, head_dim)``).
         window_dtype: dtype of the full-precision tokens (None: the model's dtype).
+        sinks: leading real tokens of each row kept in full precision besides the rule's
+            selection (>= 0).
     """
 
     window: int = 48
@@ -77,6 +83,7 @@ class LogQuant(Policy):
     value_group_size: int | None = None
     scale_dtype: torch.dtype = torch.float16
     window_dtype: torch.dtype | None = None
+    sinks: int = 0
 
     @property
     def name(self) -> str:
@@ -86,6 +93,8 @@ class LogQuant(Policy):
         super().validate()
         if self.window < 1:
             raise ValueError(f"LogQuant: window must be >= 1, got {self.window}")
+        if self.sinks < 0:
+            raise ValueError(f"LogQuant: sinks must be >= 0 (0 keeps only the rule's selection), got {self.sinks}")
         if not 1 <= self.bits <= 8:
             raise ValueError(f"LogQuant: bits must be in [1, 8], got {self.bits}")
 
@@ -102,9 +111,11 @@ class LogQuant(Policy):
                 index.push(p)
         # In a sliding-window layer, log positions older than the window were dropped by the
         # store (pins included): the log set keeps only what the layer still sees.
-        log = {p for p in index.log if p >= store.window_start}
-        store.unpin(store.pinned - log)
-        store.pin(log - store.pinned)
+        keep = {p for p in index.log if p >= store.window_start}
+        if self.sinks:  # sinks arrive in full precision: pinned before any block is quantized
+            keep |= store.sink_positions(self.sinks)
+        store.unpin(store.pinned - keep)
+        store.pin(keep - store.pinned)
         ready = (index.local[0] - store.n_quantized) // store.group_size
         if ready > 0:
             store.quantize_blocks([(self.bits, self.bits)] * ready)
