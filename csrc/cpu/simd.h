@@ -1,5 +1,8 @@
 // Runtime-dispatched vectorization without requiring AVX2/AVX-512 at run time: GCC/Clang
 // compile a function marked KVQ_SIMD once per target and pick the best at load time (ifunc).
+// The targets are the x86-64 levels v4 (AVX-512 F/BW/DQ/VL) and v3 (AVX2 with FMA and F16C)
+// rather than the bare "avx512f" / "avx2", which leave out FMA: where a file allows contraction
+// (tiles.cpp's attention kernels), a*b+c becomes one fused instruction only with FMA enabled.
 //
 // Kernels that need more than a loop the compiler vectorizes by itself (register-blocked tiles,
 // variable shifts, exp) write them with the compilers' generic vector types below: 8 floats
@@ -13,7 +16,10 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(__SANITIZE_ADDRESS__) && !defined(TORCHKVQ_NO_CLONES)
-#define KVQ_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#define KVQ_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// Instructions a clone cannot take (one source for every target) are picked at run time too.
+// Off in the sanitizer builds, which thereby run the portable paths.
+#define KVQ_RUNTIME_ISA 1
 #else
 #define KVQ_SIMD
 #endif

@@ -7,6 +7,10 @@
 #include "cpu/bitpack.h"
 #include "cpu/simd.h"
 
+#ifdef KVQ_RUNTIME_ISA
+#include <immintrin.h>
+#endif
+
 namespace kvq::cpu {
 
 using vec::f8;
@@ -52,6 +56,16 @@ KVQ_SIMD void dequant_col_groups(const uint8_t* packed, int64_t rows, int64_t wi
 }
 
 // ---- attention over codes
+//
+// Contraction into FMA is allowed from here on (the extension is built with -ffp-contract=off
+// so that quantization rounds exactly as its reference): these kernels feed softmax attention,
+// whose tests bound the error instead of asking for bits, and a fused multiply-add is both
+// faster and closer to the exact result.
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#else
+#pragma GCC optimize("fp-contract=fast")
+#endif
 
 namespace {
 
@@ -139,9 +153,27 @@ KVQ_INLINE f8 half8_to_float(vec::h8 h) {
   return reinterpret_cast<f8>(sign | bits);
 }
 
+#ifdef KVQ_RUNTIME_ISA
+// F16C converts 8 halves in one instruction. The clones of simd.h cannot use it (they share one
+// source and the baseline clone must run everywhere), so this version is picked at run time.
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst,
+                                                          int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+// cpu_init first: this may run before libgcc's own constructor has filled in the CPU model.
+const bool kHasF16C = (__builtin_cpu_init(), __builtin_cpu_supports("f16c"));
+#endif
+
 }  // namespace
 
 KVQ_SIMD void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+#ifdef KVQ_RUNTIME_ISA
+  if (kHasF16C) return half_to_float_f16c(src, dst, n);
+#endif
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     vec::h8 h;
@@ -168,22 +200,41 @@ KVQ_SIMD void mul_columns(const float* a, int64_t rows, int64_t width, const flo
 
 namespace {
 
-// R rows x J tokens of scores, the rows' vectors reused across the J tokens and vice versa.
+// Lane sums of two vectors, pairwise (the layout of AVX's hadd, one shuffle per operand):
+// [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7].
+KVQ_INLINE f8 hadd(f8 a, f8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+// The lane sums of 8 vectors as one vector, out[i] = sum of v[i]: 21 shuffles and adds where
+// 8 separate reductions take 48. Short head dims pay for a reduction every few multiply-adds.
+KVQ_INLINE f8 hsum8(const f8 (&v)[8]) {
+  const f8 lo = hadd(hadd(v[0], v[1]), hadd(v[2], v[3]));  // [s0..s3 of lanes 0-3 | of 4-7]
+  const f8 hi = hadd(hadd(v[4], v[5]), hadd(v[6], v[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// R rows x J tokens of scores (R * J <= 8), the rows' vectors reused across the J tokens and
+// vice versa.
 template <int R, int J>
 KVQ_INLINE void score_block(const float* a, const float* b, int64_t n, int64_t width,
                             const float* bias, float* out) {
-  f8 acc[R][J] = {};
+  static_assert(R * J <= 8, "one hsum8 per block");
+  f8 acc[8] = {};
   for (int64_t c = 0; c < width; c += 8) {
     f8 bv[J];
     for (int j = 0; j < J; ++j) bv[j] = vec::load(b + j * width + c);
     for (int r = 0; r < R; ++r) {
       const f8 av = vec::load(a + r * width + c);
-      for (int j = 0; j < J; ++j) acc[r][j] += av * bv[j];
+      for (int j = 0; j < J; ++j) acc[r * J + j] += av * bv[j];
     }
   }
+  const f8 sums = hsum8(acc);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j)
-      out[r * n + j] = vec::hsum(acc[r][j]) + (bias != nullptr ? bias[r] : 0.f);
+      out[r * n + j] = sums[r * J + j] + (bias != nullptr ? bias[r] : 0.f);
 }
 
 template <int R>
@@ -323,7 +374,12 @@ template <int R>
 KVQ_INLINE void accumulate_rows(const float* w, const float* x, int64_t n, int64_t width,
                                 int64_t group, float* acc) {
   const int64_t groups = width / group, stride_r = groups * n;
-  if (group % 16 == 0) {
+  // As many columns as the registers hold next to R rows: each token's weights are then
+  // broadcast once per 32 columns instead of once per 16.
+  if (R <= 3 && group % 32 == 0) {
+    for (int64_t c = 0; c < width; c += 32)
+      accumulate_block<R, 4>(w + (c / group) * n, stride_r, x + c, n, width, acc + c);
+  } else if (group % 16 == 0) {
     for (int64_t c = 0; c < width; c += 16)
       accumulate_block<R, 2>(w + (c / group) * n, stride_r, x + c, n, width, acc + c);
   } else {
