@@ -165,6 +165,16 @@ def forward(m, cache, batch=1, n=1):
         return m(random_ids(batch, n, seed=10), past_key_values=cache, use_cache=True)
 
 
+def forward_nan_embedding(m, cache):
+    """A one-token forward whose input embedding holds a NaN."""
+    from tiny_models import random_ids
+
+    with torch.inference_mode():
+        e = m.get_input_embeddings()(random_ids(1, 1, seed=10)).clone()
+        e[0, 0, 3] = math.nan
+        return m(inputs_embeds=e, past_key_values=cache, use_cache=True)
+
+
 def saved_file(mutate: Callable[[bytes], bytes] = lambda b: b):
     """(model, path) of a saved tiny-model cache, its bytes passed through `mutate`."""
     m, cache = prefilled()
@@ -526,6 +536,8 @@ def _hf_rows() -> list[Row]:
             "XQuant serves full-attention decoders only"),
         Row(f"{K}()", "an XQuant policy", lambda _: KVQCache(kvq_config(), xq_policy()), TypeError, "caches the layer input, not keys and values"),
         Row(f"{XQ} forward", "mismatched batch (cache vs query)", lambda mc: forward(*mc, batch=2), ValueError, r"RematStore.append: the layer input must be \[batch=1, n, hidden\], got \[2, 1, 64\]; a cache serves the batch it was built for: build a new one", setup=xq_prefilled),
+        Row(f"{XQ} forward", "NaN in the layer input", lambda mc: forward_nan_embedding(*mc), ValueError,
+            r"RematStore.append: layer 0's attention input contains NaN or Inf; the cache was left unchanged", setup=xq_prefilled),
         Row(f"{XQ} forward", "cache used with another model (same config)", lambda mc: forward(enabled(xq_policy())[0], mc[1]), ValueError,
             "layer 0 of this model is not a layer of the model the cache was built for", setup=xq_prefilled),
         Row(f"{XQ} forward", "cache used with another model's config (more layers)", lambda mc: forward(enabled(xq_policy(), num_hidden_layers=3)[0], mc[1]), ValueError,

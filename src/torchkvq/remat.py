@@ -238,6 +238,10 @@ class RematStore:
                 f"RematStore.append: the layer input must be [batch={rows}, n, hidden], got {list(x.shape)}; "
                 "a cache serves the batch it was built for: build a new one (torchkvq.hf.new_cache) for another"
             )
+        if not bool(torch.isfinite(x).all()):  # named here: the streams below are derived from x
+            what = "residual stream" if self.accumulator is not None else "attention input"
+            raise ValueError(f"RematStore.append: layer {self.layer}'s {what} contains NaN or Inf; "
+                             "the cache was left unchanged")
         encoded = [x if s.encode is None else x.to(s.encode.dtype) @ s.encode for s in self.weights.streams]
         for st, e in zip(self.stores, encoded):  # every stream checked (NaN/Inf included) before any is written
             st.check_append(e)
