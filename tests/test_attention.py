@@ -247,12 +247,17 @@ def test_non_contiguous_inputs():
         assert_same(x, y)
 
 
-def test_results_do_not_depend_on_thread_count():
-    a = make_attention_args(B=1, Hq=8, Hkv=1, L=1, D=128, k_widths=(2,) * 12, group_size=32,
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("Hq, Hkv", [(8, 1), (9, 3)], ids=["one-kv-head", "three-kv-heads"])
+def test_results_do_not_depend_on_thread_count(Hq, Hkv, threads):
+    """Work items are (batch, kv head, token range), as many as the threads share evenly (3 kv
+    heads on 2 threads: 4 ranges each); each thread count splits differently."""
+    a = make_attention_args(B=1, Hq=Hq, Hkv=Hkv, L=1, D=128, k_widths=(2,) * 12, group_size=32,
                             F=40, causal=True, return_stats=True, seed=7)
-    many = quant_attention(*a.args())
     n = torch.get_num_threads()
     try:
+        torch.set_num_threads(threads)
+        many = quant_attention(*a.args())
         torch.set_num_threads(1)
         one = quant_attention(*a.args())
     finally:

@@ -255,9 +255,12 @@ struct Attention {
 template <typename TQ, typename TF, typename S>
 void run_attention(Attention<TQ, TF, S>& a, at::Tensor& out, at::Tensor& lse, at::Tensor& stats) {
   const int64_t pairs = a.B * a.Hkv, tiles = a.tiles();
-  // Split each (batch, kv head) over token ranges when there are too few pairs for the threads.
-  const int64_t want = 4 * at::get_num_threads();
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (want + pairs - 1) / pairs));
+  // Split each (batch, kv head) over token ranges when there are too few pairs for the threads,
+  // into a number of work items the threads share evenly (parallel_for hands each thread one
+  // contiguous run: 9 items on 2 threads would leave one thread a fifth of the work idle).
+  const int64_t threads = at::get_num_threads(), want = 4 * threads;
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (want + pairs - 1) / pairs));
+  while (splits < tiles && (pairs * splits) % threads != 0) ++splits;
   const int64_t per = (tiles + splits - 1) / std::max<int64_t>(splits, 1);
   std::vector<RowState> parts(pairs * splits);
   at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
