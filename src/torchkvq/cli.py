@@ -34,9 +34,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"),
                    help="folder for results.csv, results.json and results.png (default ./results)")
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the JSON here")
-    p.add_argument("--heads-calibration-tokens", type=int, default=8192,
+    p.add_argument("--heads-calibration-tokens", type=int, default=16384,
                    help="calibration tokens of heads-K methods (Wikipedia, disjoint from the evaluated "
-                   "tokens; default 8192)")
+                   "tokens; default 16384)")
     p.set_defaults(func=_run_eval)
 
 
@@ -137,8 +137,8 @@ def _compress_heads_parser(sub) -> None:
     p.add_argument("--kv-heads", type=int, required=True, help="new number of KV heads (must divide the current one)")
     p.add_argument("--init", choices=["activations", "weights"], default="activations",
                    help="PCA of calibration activations (default) or of the weights alone")
-    p.add_argument("--calibration-tokens", type=int, default=8192,
-                   help="Wikipedia tokens to calibrate on (default 8192; ignored with --init weights)")
+    p.add_argument("--calibration-tokens", type=int, default=16384,
+                   help="Wikipedia tokens to calibrate on (default 16384; ignored with --init weights)")
     p.add_argument("--calibration-offset", type=int, default=100_000,
                    help="token offset of the calibration text in the Wikipedia corpus (default 100000, "
                    "clear of the windows torchkvq eval reads by default)")
