@@ -269,7 +269,8 @@ namespace {
 // -87 give exp(-87) (> 0, normal) and are zeroed by the caller where they stand for -inf.
 KVQ_INLINE f8 exp_nonpositive(f8 x) {
   x = x < -87.f ? vec::splat(-87.f) : x;
-  // Round to nearest by adding and removing 1.5 * 2^23 (no FMA contraction, no fast-math).
+  // Round to nearest by adding and removing 1.5 * 2^23 (no fast-math; a contracted FMA rounds
+  // once instead of twice, which still leaves an integer).
   const f8 k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   const f8 f = (x - k * 0.693359375f) - k * -2.12194440e-4f;
   f8 y = vec::splat(1.9875691500e-4f);
