@@ -304,6 +304,8 @@ def test_unsupported_attention_rejected():
 def test_bundled_model_merges_to_one_kv_head(tmp_path, capsys):
     """compress-heads on the real model (3 -> 1 KV heads, 512 calibration tokens), saved and
     reloaded as a plain transformers model; held-out text disjoint from the calibration."""
+    import json
+
     pytest.importorskip("gguf")
     from torchkvq.cli import main
     from torchkvq.eval import corpus
@@ -327,8 +329,12 @@ def test_bundled_model_merges_to_one_kv_head(tmp_path, capsys):
 
     out = tmp_path / "smollm2-1kv"
     assert main(["compress-heads", "--kv-heads", "1", "--calibration-tokens", "512", "--seq-len", "256",
-                 "--out", str(out)]) == 0
+                 "--refine-steps", "3", "--out", str(out)]) == 0
     assert "3 -> 1 KV heads" in capsys.readouterr().out
+    info = json.loads((out / "torchkvq_heads.json").read_text())
+    assert "+refine(3x0.001,layer)" in info["method"]
+    assert len(info["refine_error_before_after"]) == 30
+    assert all(after <= before for before, after in info["refine_error_before_after"])
     merged, _ = load_model(str(out))
     assert merged.config.num_key_value_heads == 1
     assert merged.model.layers[0].self_attn.k_proj.weight.shape == (64, 576)
@@ -350,6 +356,88 @@ def test_recovery_distillation_lowers_kl():
     assert kls[-1] < kls[0]
     assert torch.equal(m.model.embed_tokens.weight, frozen)  # only attention projections train
     assert all(p.grad is None for p in m.parameters())
+
+
+def _attention_calls(model, x):
+    """The first layer's attention calls and outputs on ``x``, one per row."""
+    attn = model.model.layers[0].self_attn
+    calls, outs = [], []
+    h1 = attn.register_forward_pre_hook(lambda _m, a, k: calls.append((a, k)), with_kwargs=True)
+    h2 = attn.register_forward_hook(lambda _m, _a, _k, o: outs.append(o[0].detach()), with_kwargs=True)
+    try:
+        for row in x:
+            logits(model, row[None], use_cache=False)
+    finally:
+        h1.remove()
+        h2.remove()
+    return attn, calls, outs
+
+
+def test_refine_attention_lowers_the_output_error_of_a_merged_layer():
+    from torchkvq.heads.refine import output_error, refine_attention
+
+    teacher = tiny(heads=4, kv=4, layers=1)
+    x = ids(b=6, t=32)
+    _, calls, targets = _attention_calls(teacher, x)
+    m = H.compress(copy.deepcopy(teacher), x, kv_heads=1, refit=False, progress=False)
+    attn = m.model.layers[0].self_attn
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if ".self_attn." not in n}
+    before, after = refine_attention(attn, calls, targets, steps=60, lr=3e-3, calls_per_step=3,
+                                     generator=torch.Generator().manual_seed(0))
+    assert before == pytest.approx(output_error(attn, calls, targets) if after == before else before)
+    assert 0 < after < 0.7 * before, (before, after)
+    assert after == pytest.approx(output_error(attn, calls, targets), rel=1e-6)
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)
+    assert all(p.grad is None for p in m.parameters())
+    assert refine_attention(attn, calls, targets, steps=0)[0] == refine_attention(attn, calls, targets, steps=0)[1]
+    with pytest.raises(ValueError, match="steps"):
+        refine_attention(attn, calls, targets, steps=-1)
+
+
+def test_refine_keeps_the_merge_when_it_cannot_improve():
+    """Group size 1 is exact: there is nothing to improve, and Adam's normalized steps on the
+    round-off gradient would only move away from it, so the merge is kept as it was."""
+    m = tiny(heads=4, kv=4)
+    x = ids()
+    ref = logits(m, x)
+    out = H.compress(copy.deepcopy(m), x, kv_heads=4, refine_steps=5, refine_lr=1e-2, progress=False)
+    torch.testing.assert_close(logits(out, x), ref, atol=2e-5, rtol=1e-5)
+    assert all(b == a for b, a in (r.refine_error for r in out.torchkvq_heads_report.layers))
+
+
+@pytest.mark.parametrize("target", ["layer", "stream", "stream-residual"])
+def test_compress_with_refinement(target, tmp_path):
+    teacher = tiny(heads=4, kv=4, layers=2)
+    x, held = ids(b=6, t=32), ids(b=2, t=32, seed=7)
+    plain = H.compress(copy.deepcopy(teacher), x, kv_heads=1, progress=False)
+    m = H.compress(copy.deepcopy(teacher), x, kv_heads=1, refine_steps=40, refine_lr=3e-3,
+                   refine_target=target, progress=False)
+    rep = m.torchkvq_heads_report
+    assert f"+refine(40x0.003,{target})" in rep.method
+    assert all(r.refine_error is not None and r.refine_error[1] <= r.refine_error[0] for r in rep.layers)
+    kl = lambda a, b: torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,  # noqa: E731
+                                                 reduction="batchmean")
+    ref = logits(teacher, held)
+    assert torch.isfinite(logits(m, held)).all()
+    if target == "layer":
+        on_calib = logits(teacher, x)
+        assert kl(on_calib, logits(m, x)) < kl(on_calib, logits(plain, x))
+    m.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), held), logits(m, held))
+
+
+def test_refine_arguments_checked_before_the_model_is_touched():
+    m = tiny()
+    w = m.model.layers[0].self_attn.k_proj.weight.clone()
+    with pytest.raises(ValueError, match="refine_steps"):
+        H.compress(m, ids(), kv_heads=2, refine_steps=-3, progress=False)
+    with pytest.raises(ValueError, match="refine_target"):
+        H.compress(m, ids(), kv_heads=2, refine_steps=3, refine_target="model", progress=False)
+    with pytest.raises(ValueError, match="sequential"):
+        H.compress(m, ids(), kv_heads=2, refine_steps=3, sequential=False, progress=False)
+    with pytest.raises(ValueError, match="sequential"):
+        H.compress(m, None, kv_heads=2, init="weights", refine_steps=3, progress=False)
+    assert torch.equal(m.model.layers[0].self_attn.k_proj.weight, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +496,7 @@ def test_torchkvq_eval_with_heads_methods(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["eval", "--methods", "heads-1,heads-1+kivi-4", "--n-seqs", "1", "--seq-len", "192",
                  "--prompt", "160", "--chunk", "16", "--decode-tokens", "2", "--heads-calibration-tokens", "256",
-                 "--out", str(out)]) == 0
+                 "--heads-refine-steps", "2", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in data["results"]}
     assert list(rows) == ["fp32", "heads-1", "heads-1+kivi-4"]
@@ -417,3 +505,8 @@ def test_torchkvq_eval_with_heads_methods(tmp_path, capsys):
     assert rows["heads-1"]["bytes_per_token"] == pytest.approx(rows["fp32"]["bytes_per_token"] / 3)
     assert rows["heads-1+kivi-4"]["bytes_per_token"] < rows["heads-1"]["bytes_per_token"]
     assert data["settings"]["source"]["heads_calibration_offset"] == 192  # right after the evaluated tokens
+    assert "+refine(2x0.001,layer)" in data["settings"]["source"]["heads_method"]
+    with pytest.raises(SystemExit, match="refine_steps"):
+        main(["eval", "--methods", "heads-1", "--n-seqs", "1", "--seq-len", "192", "--prompt", "160",
+              "--decode-tokens", "0", "--heads-calibration-tokens", "256", "--heads-refine-steps", "-1",
+              "--out", str(out)])

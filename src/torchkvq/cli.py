@@ -37,6 +37,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--heads-calibration-tokens", type=int, default=16384,
                    help="calibration tokens of heads-K methods (Wikipedia, disjoint from the evaluated "
                    "tokens; default 16384)")
+    p.add_argument("--heads-refine-steps", type=int, default=0,
+                   help="layer-wise refinement steps per layer of heads-K merges (compress(refine_steps=...); "
+                   "default 0 = off; docs/heads.md)")
+    p.add_argument("--heads-refine-lr", type=float, default=1e-3,
+                   help="peak learning rate of --heads-refine-steps (default 1e-3)")
     p.set_defaults(func=_run_eval)
 
 
@@ -86,10 +91,12 @@ def _run_eval(args) -> int:
             calib, source["heads_calibration_offset"] = transforms.calibration_tokens(
                 tokenizer, args.heads_calibration_tokens, 512, args.text, args.offset,
                 args.offset + args.n_seqs * args.seq_len)
-            merged = transforms.merged_models(model, heads, calib)
+            merged = transforms.merged_models(model, heads, calib, refine_steps=args.heads_refine_steps,
+                                              refine_lr=args.heads_refine_lr)
         except ValueError as e:
             raise SystemExit(f"torchkvq eval: {e}")
         source["heads_calibration_tokens"] = calib.numel()
+        source["heads_method"] = next(iter(merged.values())).torchkvq_heads_report.method
         models = {m.name: merged[m.kv_heads] for m in chosen if m.kv_heads is not None}
 
     with tqdm(total=len(chosen) * args.n_seqs, desc="streaming eval", unit="seq") as bar:
@@ -146,6 +153,12 @@ def _compress_heads_parser(sub) -> None:
     p.add_argument("--one-pass", action="store_true",
                    help="calibrate every layer on one pass of the original model (default: layer by "
                    "layer on the merged model's own hidden states, with an o_proj refit)")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="layer-wise refinement: Adam steps per layer on the attention output after the merge "
+                   "(calibration only, no end-to-end loss; default 0 = off; not with --one-pass; docs/heads.md)")
+    p.add_argument("--refine-lr", type=float, default=1e-3, help="peak learning rate of --refine-steps (default 1e-3)")
+    p.add_argument("--refine-target", choices=["layer", "stream", "stream-residual"], default="layer",
+                   help="what a refined layer reproduces (default layer: the original layer on the same inputs)")
     p.add_argument("--recover-steps", type=int, default=0,
                    help="optional recovery: distil the original model into the merged one for this many "
                    "steps, training only q/k/v/o (default 0 = off; docs/heads.md)")
@@ -167,9 +180,9 @@ def _run_compress_heads(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.calibration_tokens < 1 or args.seq_len < 1 or args.recover_steps < 0:
+    if args.calibration_tokens < 1 or args.seq_len < 1 or args.recover_steps < 0 or args.refine_steps < 0:
         raise SystemExit("torchkvq compress-heads: --calibration-tokens and --seq-len must be >= 1, "
-                         "--recover-steps >= 0")
+                         "--recover-steps and --refine-steps >= 0")
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer = model_lib.load_model(args.model)
     teacher = copy.deepcopy(model) if args.recover_steps else None
@@ -181,7 +194,8 @@ def _run_compress_heads(args) -> int:
     start = time.perf_counter()
     try:
         compress(model, calib if args.init == "activations" else None, kv_heads=args.kv_heads, init=args.init,
-                 sequential=not args.one_pass, progress=True)
+                 sequential=not args.one_pass, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+                 refine_target=args.refine_target, progress=True)
     except (ValueError, NotImplementedError) as e:
         raise SystemExit(f"torchkvq compress-heads: {e}")
     rep = model.torchkvq_heads_report
@@ -190,6 +204,8 @@ def _run_compress_heads(args) -> int:
             "calibration_offset": args.calibration_offset, "merge_seconds": round(time.perf_counter() - start, 1),
             "key_energy_kept": [round(r.key_energy, 4) for r in rep.layers],
             "value_energy_kept": [round(r.value_energy, 4) for r in rep.layers]}
+    if rep.layers[0].refine_error is not None:
+        info["refine_error_before_after"] = [[round(a, 5), round(b, 5)] for a, b in (r.refine_error for r in rep.layers)]
     if args.recover_steps:
         start = time.perf_counter()
         kl = recover(model, teacher, calib, steps=args.recover_steps, lr=args.recover_lr)

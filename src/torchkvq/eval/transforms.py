@@ -54,15 +54,15 @@ def calibration_window(total_tokens: int, n_tokens: int, eval_text: str, eval_st
     return start
 
 
-def merged_models(model, kv_heads: set[int], calibration: torch.Tensor,
-                  progress: bool = True) -> dict[int, torch.nn.Module]:
+def merged_models(model, kv_heads: set[int], calibration: torch.Tensor, progress: bool = True,
+                  **compress_kwargs) -> dict[int, torch.nn.Module]:
     """A merged copy of ``model`` per KV-head count (the original untouched), each calibrated
-    on ``calibration [n, T]`` token ids."""
+    on ``calibration [n, T]`` token ids; ``compress_kwargs`` go to :func:`torchkvq.heads.compress`."""
     from ..heads import compress
 
     out = {}
     for k in sorted(kv_heads):
-        out[k] = compress(copy.deepcopy(model), calibration, kv_heads=k, progress=progress)
+        out[k] = compress(copy.deepcopy(model), calibration, kv_heads=k, progress=progress, **compress_kwargs)
     return out
 
 

@@ -12,10 +12,13 @@ from .calibrate import attention_modules, calibration_token_ids, collect_input_m
 from .compress import (CompressReport, LayerPlan, LayerReport, apply_plan, compress, emulate_plan, key_merge,
                        plan_layer, value_merge)
 from .finetune import recover
+from .refine import output_error, refine_attention
 
 __all__ = [
     "compress",
     "recover",
+    "refine_attention",
+    "output_error",
     "plan_layer",
     "apply_plan",
     "emulate_plan",

@@ -52,6 +52,7 @@ class LayerReport:
     key_energy: float
     value_energy: float
     output_residual: float | None = None  # relative o_proj residual after a refit
+    refine_error: tuple[float, float] | None = None  # attention-output error before/after refinement
 
 
 @dataclass
@@ -334,12 +335,22 @@ def refit_output(attn: nn.Module, merged_in: torch.Tensor, target: torch.Tensor,
     return float((y - a @ w.T).square().sum() / y.square().sum().clamp_min(_EPS))
 
 
+def _hidden(call) -> torch.Tensor:
+    args, kw = call
+    return args[0] if args else kw["hidden_states"]
+
+
 def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_weighting,
-                         refit: bool, ridge: float, progress: bool, report: "CompressReport") -> None:
+                         refit: bool, ridge: float, progress: bool, report: "CompressReport",
+                         refine: dict | None = None) -> None:
     """Layer by layer on cached hidden states (one pass through the model in all): each layer
     is calibrated on the outputs of the already-merged layers before it, and (``refit``) its
-    ``o_proj`` is refitted to the original layer's attention output on those inputs."""
+    ``o_proj`` is refitted to the original layer's attention output on those inputs;
+    ``refine`` (keyword arguments of :func:`refine_attention` plus ``target``) then refines
+    the four projections on the attention output."""
     from tqdm.auto import tqdm
+
+    from .refine import refine_attention
 
     layers = _decoder_layers(model, mods)
     states = []  # (args, kwargs) of the first decoder layer, per batch
@@ -364,6 +375,10 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
     tokens = sum(a[0].shape[0] * a[0].shape[1] if a else kw["hidden_states"].shape[:2].numel()
                  for a, kw in states)
     report.calibration_tokens = tokens
+    target_kind = (refine or {}).get("target", "layer")
+    if target_kind not in ("layer", "stream", "stream-residual"):
+        raise ValueError(f"refine target must be 'layer', 'stream' or 'stream-residual', got {target_kind!r}")
+    orig_states = list(states) if refine and target_kind != "layer" else None
 
     for layer, attn in tqdm(list(zip(layers, mods)), desc="merging KV heads (sequential)",
                             unit="layer", disable=not progress):
@@ -392,6 +407,24 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
         finally:
             for h in hs:
                 h.remove()
+        if orig_states is not None:
+            # the original layer on the original model's hidden states: what the merged model
+            # should hand on, upstream errors included
+            stream_t = []
+            h = attn.register_forward_hook(
+                lambda _m, _a, _k, out: stream_t.append((out[0] if isinstance(out, tuple) else out).detach()),
+                with_kwargs=True)
+            nxt = []
+            try:
+                with torch.no_grad():
+                    for args, kw in orig_states:
+                        out = layer(*args, **kw)
+                        nxt.append(_next_call((args, kw), out))
+            finally:
+                h.remove()
+            if target_kind == "stream-residual":  # also undo the residual stream's drift
+                stream_t = [t + _hidden(o) - _hidden(m) for t, o, m in zip(stream_t, orig_states, states)]
+            orig_states = nxt
         plan = plan_layer(attn, kv_heads, sums / tokens, key_weighting, value_weighting)
         apply_plan(attn, plan)
         if refit:
@@ -406,19 +439,22 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
             plan.report.output_residual = refit_output(
                 attn, torch.cat([m.reshape(-1, m.shape[-1]) for m in merged_in]),
                 torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]), ridge)
+        if refine:
+            kw_r = {k: v for k, v in refine.items() if k != "target"}
+            plan.report.refine_error = refine_attention(
+                attn, attn_calls, targets if orig_states is None else stream_t, **kw_r)
         del attn_calls, targets
         report.layers.append(plan.report)
-        new_states = []
         with torch.no_grad():
-            for args, kw in states:
-                out = layer(*args, **kw)
-                out = out[0] if isinstance(out, tuple) else out
-                if args:
-                    new_states.append(((out,) + tuple(args[1:]), kw))
-                else:
-                    new_states.append((args, {**kw, "hidden_states": out}))
-        states = new_states
+            states = [_next_call(c, layer(*c[0], **c[1])) for c in states]
     model.train(was_training)
+
+
+def _next_call(call, out):
+    """The next decoder layer's call: ``call`` with its hidden states replaced by ``out``."""
+    args, kw = call
+    out = out[0] if isinstance(out, tuple) else out
+    return ((out,) + tuple(args[1:]), kw) if args else (args, {**kw, "hidden_states": out})
 
 
 def _check_supported(model, mods) -> None:
@@ -442,6 +478,7 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
              tokenizer=None, seq_len: int = 512, batch_size: int = 1,
              key_weighting: str = "query", value_weighting: str = "output",
              sequential: bool = True, refit: bool = True, ridge: float = 1e-2,
+             refine_steps: int = 0, refine_lr: float = 1e-3, refine_target: str = "layer",
              moments: tuple[list[torch.Tensor], int] | None = None, progress: bool = True,
              emulate: str | None = None):
     """Merge every layer's KV heads into ``kv_heads`` heads, in place; returns ``model``.
@@ -466,6 +503,14 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
         refit: (sequential only) refit each layer's ``o_proj`` by ridge least squares so that
             the merged heads reproduce the original layer's attention output on the
             calibration tokens (``ridge`` shrinks towards the PCA fold).
+        refine_steps: (sequential only) after the merge and refit, Adam steps per layer on the
+            four projections against the attention output on the calibration tokens
+            (:func:`torchkvq.heads.refine.refine_attention`; 0 = off). ``refine_lr``: its peak
+            learning rate (cosine decay). ``refine_target``: ``"layer"`` — the original layer's
+            output on the same (merged-model) inputs; ``"stream"`` — the original layer's output
+            on the original model's hidden states, so a layer also makes up for the layers
+            before it; ``"stream-residual"`` — that plus the residual stream's drift (Llama-style
+            pre-norm layers, where the attention output is added to the layer input).
         moments: precomputed ``collect_input_moments`` output, to reuse one calibration pass
             (implies the one-pass, non-sequential path).
         progress: tqdm progress bars.
@@ -483,6 +528,13 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
         raise ValueError(f"key_weighting must be 'query' or 'none', got {key_weighting!r}")
     if value_weighting not in ("output", "none"):
         raise ValueError(f"value_weighting must be 'output' or 'none', got {value_weighting!r}")
+    if not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+    if refine_target not in ("layer", "stream", "stream-residual"):
+        raise ValueError(f"refine_target must be 'layer', 'stream' or 'stream-residual', got {refine_target!r}")
+    if refine_steps and not (init == "activations" and sequential and moments is None and emulate is None):
+        raise ValueError("refine_steps needs the sequential activation merge (init='activations', "
+                         "sequential=True, no moments=, no emulate=)")
     if emulate not in (None, "keys", "values", "both"):
         raise ValueError(f"emulate must be None, 'keys', 'values' or 'both', got {emulate!r}")
     mods = attention_modules(model)
@@ -507,8 +559,13 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
     if init == "activations" and sequential and moments is None and emulate is None:
         rows = [b[j:j + batch_size] for b in batches for j in range(0, b.shape[0], batch_size)]
         report.method = "sequential" + (f"+refit(ridge={ridge:g})" if refit else "")
+        refine = None
+        if refine_steps:
+            refine = dict(steps=refine_steps, lr=refine_lr, target=refine_target,
+                          generator=torch.Generator().manual_seed(0))
+            report.method += f"+refine({refine_steps}x{refine_lr:g},{refine_target})"
         _compress_sequential(model, mods, rows, kv_heads, key_weighting, value_weighting,
-                             refit, ridge, progress, report)
+                             refit, ridge, progress, report, refine)
     else:
         if init == "activations":
             if moments is None:

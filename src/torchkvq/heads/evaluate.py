@@ -93,6 +93,11 @@ def main(argv=None) -> int:
                    help="after merging, distil the original into each variant for this many steps "
                         "(torchkvq.heads.finetune.recover: one calibration window per step)")
     p.add_argument("--recover-lr", type=float, default=1e-4)
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="layer-wise refinement steps per layer for the sequential variants "
+                        "(compress(refine_steps=...); torchkvq.heads.refine)")
+    p.add_argument("--refine-lr", type=float, default=1e-3)
+    p.add_argument("--refine-target", default="layer", choices=("layer", "stream", "stream-residual"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
@@ -128,6 +133,9 @@ def main(argv=None) -> int:
         kw = dict(VARIANTS[v])
         if kw.pop("moments", False):
             kw["moments"] = moments
+        if args.refine_steps and "moments" not in kw and kw.get("init", "activations") == "activations" \
+                and "emulate" not in kw:
+            kw.update(refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_target=args.refine_target)
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         compress(m, calib, kv_heads=args.kv_heads, **kw)
@@ -136,7 +144,10 @@ def main(argv=None) -> int:
         row = {"variant": v, "kv_heads": m.config.num_key_value_heads, "ppl": perplexity(m, evals),
                "merge_s": merge_s,
                "key_energy": sum(r.key_energy for r in rep.layers) / len(rep.layers),
-               "value_energy": sum(r.value_energy for r in rep.layers) / len(rep.layers)}
+               "value_energy": sum(r.value_energy for r in rep.layers) / len(rep.layers),
+               "method": rep.method}
+        if rep.layers[0].refine_error is not None:
+            row["refine_error"] = [[round(a, 5), round(b, 5)] for a, b in (r.refine_error for r in rep.layers)]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         if args.recover_steps:

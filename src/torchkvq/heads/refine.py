@@ -1,0 +1,92 @@
+"""Layer-wise refinement of one merged attention module on its calibration inputs.
+
+The PCA merge and the closed-form ``o_proj`` refit minimize second-moment proxies of the error
+(key and value reconstruction, the output projection's least squares at a fixed attention
+pattern). What a layer hands on is its attention *output*, which goes through the softmax.
+:func:`refine_attention` takes the merge as the starting point and runs Adam on the module's
+four projections to minimize the relative error of that output against a target, on the
+calibration inputs the sequential merge has already cached: no labels, no loss through the
+rest of the model, one layer at a time (post-training reconstruction as in BRECQ or OmniQuant,
+not fine-tuning). See docs/heads.md for what it buys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["refine_attention", "output_error"]
+
+
+def _projections(attn: nn.Module) -> list[nn.Parameter]:
+    return [p for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj) for p in lin.parameters()]
+
+
+def _out(attn: nn.Module, call) -> torch.Tensor:
+    args, kwargs = call
+    out = attn(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def output_error(attn: nn.Module, calls: list, targets: list[torch.Tensor]) -> float:
+    """``sum ||attn(call) - target||^2 / sum ||target||^2`` over the calls."""
+    err = ref = 0.0
+    for call, t in zip(calls, targets):
+        err += float((_out(attn, call) - t).float().square().sum())
+        ref += float(t.float().square().sum())
+    return err / max(ref, 1e-30)
+
+
+def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], steps: int,
+                     lr: float = 1e-3, calls_per_step: int = 4,
+                     generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Adam on ``q_proj``/``k_proj``/``v_proj``/``o_proj`` of ``attn`` (in place).
+
+    Args:
+        attn: the merged attention module.
+        calls: ``(args, kwargs)`` of its calibration forward calls (hidden states ``[B, T,
+            hidden]`` float32 plus the rotary embeddings and mask the decoder layer passed).
+        targets: the output ``[B, T, hidden]`` each call should produce.
+        steps: optimizer steps; each averages the gradient of ``calls_per_step`` calls drawn at
+            random without replacement. The learning rate follows a cosine from ``lr`` to 0.
+    Returns ``(relative error before, after)`` over all calls (:func:`output_error`).
+    """
+    if steps < 0 or calls_per_step < 1:
+        raise ValueError(f"steps must be >= 0 and calls_per_step >= 1, got {steps}, {calls_per_step}")
+    before = output_error(attn, calls, targets)
+    if steps == 0:
+        return before, before
+    params = _projections(attn)
+    flags = [p.requires_grad for p in params]
+    start = {id(p): p.detach().clone() for p in params}
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    norms = [float(t.float().square().sum()) for t in targets]
+    per = min(calls_per_step, len(calls))
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for _ in range(steps):
+                pick = torch.randperm(len(calls), generator=generator)[:per].tolist()
+                denom = sum(norms[i] for i in pick)
+                opt.zero_grad(set_to_none=True)
+                for i in pick:
+                    loss = (_out(attn, calls[i]) - targets[i]).float().square().sum() / denom
+                    loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for p, f in zip(params, flags):
+            p.grad = None
+            p.requires_grad_(f)
+    after = output_error(attn, calls, targets)
+    if not after < before:  # an lr too large for this layer: keep the merge as it was
+        with torch.no_grad():
+            for p in params:
+                p.copy_(start[id(p)])
+        after = before
+    return before, after
