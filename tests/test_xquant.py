@@ -246,6 +246,23 @@ def test_misuse_raises():
     assert st.n_tokens == 4 and st.n_quantized == 0 and torch.equal(st.window, before)
 
 
+def test_latent_overflow_refused_and_cache_unchanged():
+    """A finite layer input whose latent overflows is caught by the latent's own check (the
+    layer input's check passes), before any stream is written."""
+    m, ids = tiny_model(), random_ids(1, 21, seed=4)
+    cache = enable(m, XQuant(bits=3, group_size=16, residual=8, block=8, mode="latent", **FP32))
+    chunked_logits(m, ids, cache, chunks=(20,))
+    layer0 = cache.stores[0]
+    enc = layer0.weights.streams[1].encode
+    assert enc is not None  # latent mode: the value stream is projected
+    enc.fill_(torch.finfo(enc.dtype).max)  # finite weights whose latent overflows to Inf
+    before = [(st.n_tokens, st.window.clone()) for st in layer0.stores]
+    with pytest.raises(ValueError, match="XStore.append: x contains NaN or Inf; the store was left unchanged"):
+        chunked_logits(m, ids[:, 20:], cache, chunks=(1,))
+    for st, (n, w) in zip(layer0.stores, before):
+        assert st.n_tokens == n and torch.equal(st.window, w)
+
+
 def test_sliding_window_models_refused():
     m = tiny_model()
     m.config.layer_types = ["sliding_attention"] + ["full_attention"] * (m.config.num_hidden_layers - 1)

@@ -243,8 +243,10 @@ class RematStore:
             raise ValueError(f"RematStore.append: layer {self.layer}'s {what} contains NaN or Inf; "
                              "the cache was left unchanged")
         encoded = [x if s.encode is None else x.to(s.encode.dtype) @ s.encode for s in self.weights.streams]
-        for st, e in zip(self.stores, encoded):  # every stream checked (NaN/Inf included) before any is written
-            st.check_append(e)
+        # every stream checked before any is written; a projected latent is checked for NaN/Inf
+        # again (a finite input can overflow in the projection), x itself was just checked
+        for st, e, s in zip(self.stores, encoded, self.weights.streams):
+            st.check_append(e, check_finite=s.encode is not None)
         for st, e in zip(self.stores, encoded):
             st.write(e)
         self.tokens.extend(positions, self.n_tokens)

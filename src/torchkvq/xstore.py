@@ -85,9 +85,10 @@ class XStore:
         self.window[:, f : f + n] = x
         self._n_window += n
 
-    def check_append(self, x: torch.Tensor) -> None:
+    def check_append(self, x: torch.Tensor, check_finite: bool = True) -> None:
         """Raise what :meth:`append` would raise for `x`, changing nothing (so that a caller
-        appending to several stores can check them all before writing to any)."""
+        appending to several stores can check them all before writing to any). ``check_finite=
+        False`` skips the NaN/Inf pass, for a caller that has just run it on this very tensor."""
         B, W = self.batch_size, self.width
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"XStore.append: x must be a torch.Tensor, got {type(x).__name__}")
@@ -98,7 +99,7 @@ class XStore:
             raise TypeError(f"XStore.append: x must be float32, float16 or bfloat16, got {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"XStore.append: x is on {x.device} but the store is on {self.device}")
-        if not bool(torch.isfinite(x).all()):
+        if check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("XStore.append: x contains NaN or Inf; the store was left unchanged")
         if x.dtype != self.window_dtype and bool(x.abs().amax() > torch.finfo(self.window_dtype).max):
             raise ValueError(
