@@ -75,7 +75,7 @@ struct Attention {
   Scratch scratch(int64_t b, int64_t h) const {
     const int64_t n = cap(), vgroups = D / VG;
     Scratch x{std::vector<float>(rows * D), std::vector<float>(rows * D), std::vector<float>(rows),
-              std::vector<float>(n * D), std::vector<float>(n * D), std::vector<float>(rows * n),
+              std::vector<float>(std::max(n, rows) * D), std::vector<float>(n * D), std::vector<float>(rows * n),
               std::vector<float>(rows * n), std::vector<float>(n * vgroups * rows),
               std::vector<float>(std::max(D, G * vgroups)), std::vector<float>(std::max(D, G * vgroups)),
               std::vector<int64_t>(n), std::vector<uint8_t>(n * D)};
@@ -114,8 +114,8 @@ struct Attention {
       to_float(k_zero + (bh * NB + t) * D, D, x.zro.data());
       mul_columns(x.q.data(), rows, D, x.scl.data(), x.qs.data());
       score_tile(x.q.data(), rows, x.zro.data(), 1, D, nullptr, x.qz.data());
-      unpack_rows_f32(k_codes + bh * k_pool + k_off[t], G, D, k_bits[t], x.tmp.data(), x.kt.data());
-      score_tile(x.qs.data(), rows, x.kt.data(), G, D, x.qz.data(), x.s.data());
+      score_codes(x.qs.data(), rows, k_codes + bh * k_pool + k_off[t], G, D, k_bits[t], x.qz.data(),
+                  x.tmp.data(), x.kt.data(), x.s.data());
       // Outliers add ov at channel oi of token j: q . e_oi * ov.
       for (int64_t j = 0; j < G; ++j) {
         const int64_t row = bh * Q + t * G + j;

@@ -264,6 +264,116 @@ KVQ_SIMD void score_tile(const float* a, int64_t rows, const float* b, int64_t n
 
 namespace {
 
+typedef uint64_t q4 __attribute__((vector_size(32)));
+
+// The lanes of code_lanes: lane i holds byte kLaneByte[i] of 8 consecutive bytes.
+constexpr int kLaneByte[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+// 8 packed bytes in 8 lanes, each in the low byte of its lane (garbage above it), in the order
+// kLaneByte: one broadcast and one shift of the 4 64-bit lanes. (GCC widens an 8-byte vector
+// with __builtin_convertvector one byte at a time.)
+KVQ_INLINE u8 code_lanes(const uint8_t* src) {
+  uint64_t word;
+  std::memcpy(&word, src, sizeof word);
+  return reinterpret_cast<u8>((q4{} + word) >> q4{0, 8, 16, 24});
+}
+
+// The out[i] = sum of v[i] for N vectors, 8 at a time (hsum8; a last short batch padded with
+// zeros).
+template <int N>
+KVQ_INLINE void hsum_n(const f8 (&v)[N], float* out) {
+  for (int i = 0; i < N; i += 8) {
+    f8 batch[8];
+    for (int k = 0; k < 8; ++k) batch[k] = i + k < N ? v[i + k] : f8{};
+    const f8 s = hsum8(batch);
+    for (int k = 0; k < 8 && i + k < N; ++k) out[i + k] = s[k];
+  }
+}
+
+// R query rows (`a`, its columns in code_lanes' order) against the tokens of a key tile in
+// unpack_rows_f32's layout, straight from the packed bytes. A byte of packed row k holds tokens
+// k*PER + m (m < PER) of its column at bit m*BITS; masking it in place, without the shift, gives
+// code << m*BITS, exact as a float, so a score's sum comes out exactly 2^(m*BITS) times too
+// large and is scaled back once per score instead of shifting every code. 8 bytes brought into
+// lanes once serve PER tokens and R rows.
+template <int BITS, int R>
+KVQ_INLINE void score_codes_rows(const float* a, const uint8_t* packed, int64_t n, int64_t width,
+                                 const float* bias, float* out) {
+  constexpr int PER = 8 / BITS, N = R * PER;
+  for (int64_t c = 0; c < n / 8; ++c)
+    for (int k = 0; k < BITS; ++k) {
+      const uint8_t* src = packed + (c * BITS + k) * width;
+      f8 acc[N] = {};
+      for (int64_t w = 0; w < width; w += 8) {
+        const u8 word = code_lanes(src + w);
+        f8 av[R];
+        for (int r = 0; r < R; ++r) av[r] = vec::load(a + r * width + w);
+        for (int m = 0; m < PER; ++m) {
+          const f8 kv = __builtin_convertvector(
+              reinterpret_cast<i8>(word & (((1u << BITS) - 1) << (m * BITS))), f8);
+          for (int r = 0; r < R; ++r) acc[r * PER + m] += av[r] * kv;
+        }
+      }
+      float sums[N];
+      hsum_n<N>(acc, sums);
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < PER; ++m)
+          out[r * n + c * 8 + k * PER + m] =
+              sums[r * PER + m] * (1.f / static_cast<float>(1 << (m * BITS))) +
+              (bias != nullptr ? bias[r] : 0.f);
+    }
+}
+
+// Rows in blocks of up to 12 / PER (at most 12 accumulators: with the rows' query vectors and
+// the codes they fit the 16 AVX2 registers), then the rest.
+template <int BITS>
+KVQ_INLINE void score_codes_bits(const float* a, int64_t rows, const uint8_t* packed, int64_t n,
+                                 int64_t width, const float* bias, float* out) {
+  constexpr int RB = std::min(4, std::max(1, 12 / (8 / BITS)));
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB)
+    score_codes_rows<BITS, RB>(a + r * width, packed, n, width, bias ? bias + r : nullptr,
+                               out + r * n);
+  const float* ar = a + r * width;
+  const float* br = bias ? bias + r : nullptr;
+  switch (rows - r) {
+    case 3:
+      if constexpr (RB > 3) score_codes_rows<BITS, 3>(ar, packed, n, width, br, out + r * n);
+      return;
+    case 2:
+      if constexpr (RB > 2) score_codes_rows<BITS, 2>(ar, packed, n, width, br, out + r * n);
+      return;
+    case 1:
+      if constexpr (RB > 1) score_codes_rows<BITS, 1>(ar, packed, n, width, br, out + r * n);
+      return;
+    default: return;
+  }
+}
+
+}  // namespace
+
+KVQ_SIMD void score_codes(const float* a, int64_t rows, const uint8_t* packed, int64_t n,
+                          int64_t width, int bits, const float* bias, uint8_t* tmp, float* buf,
+                          float* out) {
+  if (bits != 1 && bits != 2 && bits != 4) {  // codes that straddle bytes: unpacked first
+    unpack_rows_f32(packed, n, width, bits, tmp, buf);
+    return score_tile(a, rows, buf, n, width, bias, out);
+  }
+  for (int64_t e = 0; e < rows * width; e += 8) {  // the queries' columns in code_lanes' order
+    const f8 v = vec::load(a + e);
+    vec::store(buf + e, __builtin_shufflevector(v, v, kLaneByte[0], kLaneByte[1], kLaneByte[2],
+                                                kLaneByte[3], kLaneByte[4], kLaneByte[5],
+                                                kLaneByte[6], kLaneByte[7]));
+  }
+  switch (bits) {
+    case 1: return score_codes_bits<1>(buf, rows, packed, n, width, bias, out);
+    case 2: return score_codes_bits<2>(buf, rows, packed, n, width, bias, out);
+    default: return score_codes_bits<4>(buf, rows, packed, n, width, bias, out);
+  }
+}
+
+namespace {
+
 // exp(x) for x <= 0 (larger x is not needed here), relative error ~2 ulp: x = k ln2 + f with
 // |f| <= ln2/2, exp(f) by the Cephes polynomial, 2^k through the exponent bits. Inputs below
 // -87 give exp(-87) (> 0, normal) and are zeroed by the caller where they stand for -inf.

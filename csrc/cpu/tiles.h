@@ -41,6 +41,12 @@ void mul_columns(const float* a, int64_t rows, int64_t width, const float* s, fl
 void score_tile(const float* a, int64_t rows, const float* b, int64_t n, int64_t width,
                 const float* bias, float* out);
 
+// score_tile against a tile of key codes in unpack_rows_f32's layout (`n` a multiple of 8), read
+// straight from the packed bytes for 1, 2 and 4 bits and unpacked first for the other widths.
+// `tmp` holds n*width bytes and `buf` max(rows, n)*width floats.
+void score_codes(const float* a, int64_t rows, const uint8_t* packed, int64_t n, int64_t width,
+                 int bits, const float* bias, uint8_t* tmp, float* buf, float* out);
+
 // max(init, s[0], ..., s[n-1]); NaN when any of them is NaN (as torch.max), so that a row with a
 // NaN score comes out NaN instead of being taken for a row that sees nothing.
 float max_of(const float* s, int64_t n, float init);
