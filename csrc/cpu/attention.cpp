@@ -181,8 +181,8 @@ struct Attention {
     to_float(v_zero + (bh * Q + t * G) * vgroups, G * vgroups, vz);
     value_weights(x.p.data(), rows, G, vs, vz, D, VG, x.kt.data() /* keys are done with */,
                   x.w.data(), acc);
-    unpack_runs_f32(v_codes + bh * v_pool + v_off[t], G, D, v_bits[t], x.tmp.data(), x.vt.data());
-    accumulate_tile(x.w.data(), x.vt.data(), rows, n, D, VG, acc);
+    accumulate_codes(x.w.data(), v_codes + bh * v_pool + v_off[t], rows, n, D, VG, v_bits[t],
+                     x.tmp.data(), x.vt.data(), acc);
     for (int64_t j = 0; j < G; ++j) {
       const int64_t row = bh * Q + t * G + j;
       for (int64_t o = 0; o < n_v_out; ++o) {

@@ -461,41 +461,78 @@ KVQ_SIMD void value_weights(const float* p, int64_t rows, int64_t n, const float
 
 namespace {
 
-// R rows x C*8 columns of the accumulator stay in registers over the tile's n tokens; row r's
-// weights are w[r * stride_r + j].
-template <int R, int C>
-KVQ_INLINE void accumulate_block(const float* w, int64_t stride_r, const float* x, int64_t n,
-                                 int64_t width, float* acc) {
+// Token j's 8 columns [c, c + 8) of a tile as floats: rows of `width` floats (values already in
+// floats), or runs of BITS-bit codes, `run` bytes per token (unpack_runs_f32's layout, read in
+// place: code m of 8 at bit m*BITS of their BITS bytes).
+struct FloatRows {
+  const float* x;
+  int64_t width;
+  KVQ_INLINE f8 operator()(int64_t j, int64_t c) const { return vec::load(x + j * width + c); }
+};
+
+template <int BITS>
+struct CodeRuns {
+  const uint8_t* x;
+  int64_t run;
+  KVQ_INLINE f8 operator()(int64_t j, int64_t c) const {
+    const u8 shifts = {0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS};
+    uint32_t word = 0;
+    std::memcpy(&word, x + j * run + c * BITS / 8, BITS);  // little-endian x86
+    return __builtin_convertvector(
+        reinterpret_cast<i8>(((u8{} + word) >> shifts) & ((1u << BITS) - 1)), f8);
+  }
+};
+
+// R rows x C*8 columns [c0, c0 + 8C) of the accumulator stay in registers over the tile's n
+// tokens; row r's weights are w[r * stride_r + j].
+template <int R, int C, typename Src>
+KVQ_INLINE void accumulate_block(const float* w, int64_t stride_r, const Src& x, int64_t c0,
+                                 int64_t n, int64_t width, float* acc) {
   f8 a[R][C];
   for (int r = 0; r < R; ++r)
-    for (int k = 0; k < C; ++k) a[r][k] = vec::load(acc + r * width + 8 * k);
+    for (int k = 0; k < C; ++k) a[r][k] = vec::load(acc + r * width + c0 + 8 * k);
   for (int64_t j = 0; j < n; ++j) {
     f8 xv[C];
-    for (int k = 0; k < C; ++k) xv[k] = vec::load(x + j * width + 8 * k);
+    for (int k = 0; k < C; ++k) xv[k] = x(j, c0 + 8 * k);
     for (int r = 0; r < R; ++r) {
       const f8 wr = vec::splat(w[r * stride_r + j]);
       for (int k = 0; k < C; ++k) a[r][k] += wr * xv[k];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int k = 0; k < C; ++k) vec::store(acc + r * width + 8 * k, a[r][k]);
+    for (int k = 0; k < C; ++k) vec::store(acc + r * width + c0 + 8 * k, a[r][k]);
 }
 
-template <int R>
-KVQ_INLINE void accumulate_rows(const float* w, const float* x, int64_t n, int64_t width,
+template <int R, typename Src>
+KVQ_INLINE void accumulate_rows(const float* w, const Src& x, int64_t n, int64_t width,
                                 int64_t group, float* acc) {
   const int64_t groups = width / group, stride_r = groups * n;
   // As many columns as the registers hold next to R rows: each token's weights are then
   // broadcast once per 32 columns instead of once per 16.
   if (R <= 3 && group % 32 == 0) {
     for (int64_t c = 0; c < width; c += 32)
-      accumulate_block<R, 4>(w + (c / group) * n, stride_r, x + c, n, width, acc + c);
+      accumulate_block<R, 4>(w + (c / group) * n, stride_r, x, c, n, width, acc);
   } else if (group % 16 == 0) {
     for (int64_t c = 0; c < width; c += 16)
-      accumulate_block<R, 2>(w + (c / group) * n, stride_r, x + c, n, width, acc + c);
+      accumulate_block<R, 2>(w + (c / group) * n, stride_r, x, c, n, width, acc);
   } else {
     for (int64_t c = 0; c < width; c += 8)
-      accumulate_block<R, 1>(w + (c / group) * n, stride_r, x + c, n, width, acc + c);
+      accumulate_block<R, 1>(w + (c / group) * n, stride_r, x, c, n, width, acc);
+  }
+}
+
+template <typename Src>
+KVQ_INLINE void accumulate_src(const float* w, const Src& x, int64_t rows, int64_t n,
+                               int64_t width, int64_t group, float* acc) {
+  const int64_t stride = (width / group) * n;  // between two rows' weights
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) accumulate_rows<4>(w + r * stride, x, n, width, group, acc + r * width);
+  const float* wr = w + r * stride;
+  switch (rows - r) {
+    case 3: return accumulate_rows<3>(wr, x, n, width, group, acc + r * width);
+    case 2: return accumulate_rows<2>(wr, x, n, width, group, acc + r * width);
+    case 1: return accumulate_rows<1>(wr, x, n, width, group, acc + r * width);
+    default: return;
   }
 }
 
@@ -503,16 +540,21 @@ KVQ_INLINE void accumulate_rows(const float* w, const float* x, int64_t n, int64
 
 KVQ_SIMD void accumulate_tile(const float* w, const float* x, int64_t rows, int64_t n,
                               int64_t width, int64_t group, float* acc) {
-  const int64_t stride = (width / group) * n;  // between two rows' weights
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4)
-    accumulate_rows<4>(w + r * stride, x, n, width, group, acc + r * width);
-  const float* wr = w + r * stride;
-  switch (rows - r) {
-    case 3: return accumulate_rows<3>(wr, x, n, width, group, acc + r * width);
-    case 2: return accumulate_rows<2>(wr, x, n, width, group, acc + r * width);
-    case 1: return accumulate_rows<1>(wr, x, n, width, group, acc + r * width);
-    default: return;
+  accumulate_src(w, FloatRows{x, width}, rows, n, width, group, acc);
+}
+
+KVQ_SIMD void accumulate_codes(const float* w, const uint8_t* packed, int64_t rows, int64_t n,
+                               int64_t width, int64_t group, int bits, uint8_t* tmp, float* buf,
+                               float* acc) {
+  const int64_t run = width * bits / 8;
+  switch (bits) {
+    case 1: return accumulate_src(w, CodeRuns<1>{packed, run}, rows, n, width, group, acc);
+    case 2: return accumulate_src(w, CodeRuns<2>{packed, run}, rows, n, width, group, acc);
+    case 3: return accumulate_src(w, CodeRuns<3>{packed, run}, rows, n, width, group, acc);
+    case 4: return accumulate_src(w, CodeRuns<4>{packed, run}, rows, n, width, group, acc);
+    default:  // 5-8 bits: unpacked first
+      unpack_runs_f32(packed, n, width, bits, tmp, buf);
+      accumulate_src(w, FloatRows{buf, width}, rows, n, width, group, acc);
   }
 }
 

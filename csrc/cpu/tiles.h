@@ -67,4 +67,11 @@ void value_weights(const float* p, int64_t rows, int64_t n, const float* scale, 
 void accumulate_tile(const float* w, const float* x, int64_t rows, int64_t n, int64_t width,
                      int64_t group, float* acc);
 
+// accumulate_tile against a tile of value codes in unpack_runs_f32's layout, read in place for
+// 1-4 bits and unpacked first for wider codes. `tmp` holds n*width bytes and `buf` n*width
+// floats.
+void accumulate_codes(const float* w, const uint8_t* packed, int64_t rows, int64_t n,
+                      int64_t width, int64_t group, int bits, uint8_t* tmp, float* buf,
+                      float* acc);
+
 }  // namespace kvq::cpu
