@@ -2,13 +2,15 @@
 //
 // Work is split over (batch, kv head, token range). Each work item walks its tiles - a quantized
 // block of G tokens or a chunk of full-precision slots - and for each tile:
-//   1. unpacks the tile's key codes into a small float32 buffer that stays in L1 (never the
-//      history) and scores every query row of the kv head's group against all its tokens at
-//      once (GQA: the g query heads and L queries of one kv head share each tile). The codes are
-//      never dequantized: the block's per-channel key scale is folded into the query;
+//   1. scores every query row of the kv head's group against all the tile's tokens at once
+//      (GQA: the g query heads and L queries of one kv head share each tile), reading 1-, 2-
+//      and 4-bit key codes straight from their packed bytes (other widths are unpacked into a
+//      small float32 buffer that stays in L1; never the history). The codes are never
+//      dequantized: the block's per-channel key scale is folded into the query;
 //   2. folds the tile into a running (max, sum, accumulator) per row - the online softmax;
-//   3. accumulates probabilities times value codes, the per-token value scale folded into the
-//      probability and the zeros summed once per row and channel group.
+//   3. accumulates probabilities times value codes (1-4 bits read from the packed runs), the
+//      per-token value scale folded into the probability and the zeros summed once per row and
+//      channel group.
 // Partial results of the token ranges of one (batch, kv head) are merged by log-sum-exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
