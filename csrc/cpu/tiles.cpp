@@ -69,74 +69,29 @@ KVQ_SIMD void dequant_col_groups(const uint8_t* packed, int64_t rows, int64_t wi
 
 namespace {
 
-// Keys, BITS dividing 8: within a chunk of 8 rows, packed row k holds rows k*PER + m (PER =
-// 8/BITS) of every column at bit shift m*BITS (bitpack.h), so each packed byte fans out to PER
-// output rows with one shift and mask each. A plain loop: the vectorizer widens the bytes with
-// vpmovzx once for all PER rows (GCC's generic vectors would not).
-template <int BITS>
-KVQ_INLINE void unpack_rows_pow2(const uint8_t* packed, int64_t rows, int64_t width,
-                                 float* out) {
-  constexpr int PER = 8 / BITS, MASK = (1 << BITS) - 1;
-  for (int64_t c = 0; c < rows / 8; ++c)
-    for (int k = 0; k < BITS; ++k) {
-      const uint8_t* src = packed + (c * BITS + k) * width;
-      float* dst = out + (c * 8 + k * PER) * width;
-      for (int64_t w = 0; w < width; ++w) {
-        const int byte = src[w];
-        for (int m = 0; m < PER; ++m)
-          dst[m * width + w] = static_cast<float>((byte >> (m * BITS)) & MASK);
-      }
-    }
-}
-
-// Values, BITS <= 4: 8 consecutive codes of a run are BITS bytes, code m at bit m*BITS of
-// their little-endian word.
-template <int BITS>
-KVQ_INLINE void unpack_runs_narrow(const uint8_t* packed, int64_t rows, int64_t width,
-                                   float* out) {
-  const u8 shifts = {0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS};
-  const u8 mask = u8{} + ((1u << BITS) - 1);
-  const uint8_t* src = packed;
-  for (int64_t e = 0; e < rows * width; e += 8, src += BITS) {
-    uint32_t word = 0;
-    std::memcpy(&word, src, BITS);  // little-endian x86
-    vec::store(out + e, __builtin_convertvector(reinterpret_cast<i8>(((u8{} + word) >> shifts) & mask), f8));
-  }
-}
-
 KVQ_INLINE void bytes_to_float(const uint8_t* src, int64_t n, float* out) {
   for (int64_t e = 0; e < n; ++e) out[e] = static_cast<float>(src[e]);
 }
 
+// The codes as floats, for the widths the kernels below do not read in place (3-bit keys, 5-8
+// bits): keys in dequant_row_groups' layout (`rows` a multiple of 8), values in
+// dequant_col_groups'. `tmp` holds rows*width bytes.
+KVQ_INLINE void unpack_rows_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits,
+                                uint8_t* tmp, float* out) {
+  if (bits == 8) return bytes_to_float(packed, rows * width, out);  // one byte per code, in order
+  unpack_rows(packed, rows, width, bits, tmp);
+  bytes_to_float(tmp, rows * width, out);
+}
+
+KVQ_INLINE void unpack_runs_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits,
+                                uint8_t* tmp, float* out) {
+  if (bits == 8) return bytes_to_float(packed, rows * width, out);
+  // Rows are whole bytes (width is a multiple of 8), so the tile is one run.
+  unpack_run(packed, rows * width, bits, tmp);
+  bytes_to_float(tmp, rows * width, out);
+}
+
 }  // namespace
-
-KVQ_SIMD void unpack_rows_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits,
-                              uint8_t* tmp, float* out) {
-  switch (bits) {
-    case 1: return unpack_rows_pow2<1>(packed, rows, width, out);
-    case 2: return unpack_rows_pow2<2>(packed, rows, width, out);
-    case 4: return unpack_rows_pow2<4>(packed, rows, width, out);
-    case 8: return bytes_to_float(packed, rows * width, out);  // one byte per code, in order
-    default:
-      unpack_rows(packed, rows, width, bits, tmp);
-      bytes_to_float(tmp, rows * width, out);
-  }
-}
-
-KVQ_SIMD void unpack_runs_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits,
-                              uint8_t* tmp, float* out) {
-  switch (bits) {
-    case 1: return unpack_runs_narrow<1>(packed, rows, width, out);
-    case 2: return unpack_runs_narrow<2>(packed, rows, width, out);
-    case 3: return unpack_runs_narrow<3>(packed, rows, width, out);
-    case 4: return unpack_runs_narrow<4>(packed, rows, width, out);
-    case 8: return bytes_to_float(packed, rows * width, out);
-    default:
-      // Rows are whole bytes (width is a multiple of 8), so the tile is one run.
-      unpack_run(packed, rows * width, bits, tmp);
-      bytes_to_float(tmp, rows * width, out);
-  }
-}
 
 namespace {
 
@@ -291,7 +246,7 @@ KVQ_INLINE void hsum_n(const f8 (&v)[N], float* out) {
 }
 
 // R query rows (`a`, its columns in code_lanes' order) against the tokens of a key tile in
-// unpack_rows_f32's layout, straight from the packed bytes. A byte of packed row k holds tokens
+// dequant_row_groups' layout, straight from the packed bytes. A byte of packed row k holds tokens
 // k*PER + m (m < PER) of its column at bit m*BITS; masking it in place, without the shift, gives
 // code << m*BITS, exact as a float, so a score's sum comes out exactly 2^(m*BITS) times too
 // large and is scaled back once per score instead of shifting every code. 8 bytes brought into
@@ -462,7 +417,7 @@ KVQ_SIMD void value_weights(const float* p, int64_t rows, int64_t n, const float
 namespace {
 
 // Token j's 8 columns [c, c + 8) of a tile as floats: rows of `width` floats (values already in
-// floats), or runs of BITS-bit codes, `run` bytes per token (unpack_runs_f32's layout, read in
+// floats), or runs of BITS-bit codes, `run` bytes per token (dequant_col_groups' layout, read in
 // place: code m of 8 at bit m*BITS of their BITS bytes).
 struct FloatRows {
   const float* x;

@@ -23,13 +23,6 @@ void dequant_col_groups(const uint8_t* packed, int64_t rows, int64_t width, int6
 
 // ---- attention over codes (csrc/cpu/attention.cpp); `width` is a multiple of 8 throughout.
 
-// The codes themselves as floats, without scale or zero: the layouts of dequant_row_groups
-// (`rows` a multiple of 8) and dequant_col_groups. `tmp` holds rows*width bytes.
-void unpack_rows_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits, uint8_t* tmp,
-                     float* out);
-void unpack_runs_f32(const uint8_t* packed, int64_t rows, int64_t width, int bits, uint8_t* tmp,
-                     float* out);
-
 // IEEE half (raw bits) to float, exactly.
 void half_to_float(const uint16_t* src, float* dst, int64_t n);
 
@@ -41,7 +34,7 @@ void mul_columns(const float* a, int64_t rows, int64_t width, const float* s, fl
 void score_tile(const float* a, int64_t rows, const float* b, int64_t n, int64_t width,
                 const float* bias, float* out);
 
-// score_tile against a tile of key codes in unpack_rows_f32's layout (`n` a multiple of 8), read
+// score_tile against a tile of key codes in dequant_row_groups' layout (`n` a multiple of 8), read
 // straight from the packed bytes for 1, 2 and 4 bits and unpacked first for the other widths.
 // `tmp` holds n*width bytes and `buf` max(rows, n)*width floats.
 void score_codes(const float* a, int64_t rows, const uint8_t* packed, int64_t n, int64_t width,
@@ -67,7 +60,7 @@ void value_weights(const float* p, int64_t rows, int64_t n, const float* scale, 
 void accumulate_tile(const float* w, const float* x, int64_t rows, int64_t n, int64_t width,
                      int64_t group, float* acc);
 
-// accumulate_tile against a tile of value codes in unpack_runs_f32's layout, read in place for
+// accumulate_tile against a tile of value codes in dequant_col_groups' layout, read in place for
 // 1-4 bits and unpacked first for wider codes. `tmp` holds n*width bytes and `buf` n*width
 // floats.
 void accumulate_codes(const float* w, const uint8_t* packed, int64_t rows, int64_t n,
