@@ -68,3 +68,8 @@ def test_eval_rejects_unknown_methods():
 def test_eval_rejects_a_prompt_longer_than_the_sequence():
     with pytest.raises(SystemExit, match="--prompt"):
         main(["eval", "--seq-len", "100", "--prompt", "100"])
+
+
+def test_eval_rejects_negative_decode_tokens():
+    with pytest.raises(SystemExit, match="--decode-tokens must be >= 0"):
+        main(["eval", "--decode-tokens", "-1"])

@@ -64,6 +64,9 @@ def _run_eval(args) -> int:
         raise SystemExit(f"torchkvq eval: --prompt must be in (0, --seq-len={args.seq_len}), got {args.prompt}")
     if args.chunk < 1 or args.n_seqs < 1:
         raise SystemExit("torchkvq eval: --chunk and --n-seqs must be >= 1")
+    if args.decode_tokens < 0:
+        raise SystemExit(f"torchkvq eval: --decode-tokens must be >= 0 (0 skips the decode timing), "
+                         f"got {args.decode_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = methods.names_from(args.methods)

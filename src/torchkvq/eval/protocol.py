@@ -10,6 +10,7 @@ cache, which is run on the same tokens first.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -112,20 +113,24 @@ def _peak_rss_mib() -> float | None:
 def decode_speed(model, method: Method, ids: torch.Tensor, new_tokens: int) -> tuple[float, float | None, int]:
     """Greedy decoding of `new_tokens` one at a time after prefilling ``ids [1, n]``.
 
-    Returns (tokens/s over the decode steps only, peak RSS in MiB during decoding or None where
-    the OS cannot tell, bytes the cache holds at the end).
+    Returns (tokens/s: the inverse of the median decode step, so that one stall of the machine
+    does not move the figure; peak RSS in MiB during decoding or None where the OS cannot tell;
+    bytes the cache holds at the end).
     """
+    if new_tokens < 1:
+        raise ValueError(f"decode_speed: new_tokens must be >= 1, got {new_tokens}")
     cache = method.make_cache(model)
     out = model(ids, past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
     can_peak = _reset_peak_rss()
-    start = time.perf_counter()
+    steps = []
     for _ in range(new_tokens):
+        start = time.perf_counter()
         out = model(token, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-    elapsed = time.perf_counter() - start
+        steps.append(time.perf_counter() - start)
     peak = _peak_rss_mib() if can_peak else None
-    return new_tokens / elapsed, peak, method.nbytes(cache)
+    return 1.0 / statistics.median(steps), peak, method.nbytes(cache)
 
 
 def evaluate(model, methods: list[Method], sequences: torch.Tensor, prompt: int, chunk: int,
