@@ -47,6 +47,14 @@ KVQ_INLINE void store(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
 // A broadcast (-0 becomes +0). GCC 12 lowers the other spellings ({x, x, ...}, x - f8{})
 // to eight scalar inserts inside target_clones functions; this one to vbroadcastss.
 KVQ_INLINE f8 splat(float x) { return f8{} + x; }
+// *p in every lane, loaded straight into the vector (one vpbroadcastd from memory). splat()
+// costs a scalar add (its +0) and a register broadcast on top of the load, which an inner loop
+// that broadcasts once per two multiply-adds feels. Bit for bit, -0 included.
+KVQ_INLINE f8 splat_from(const float* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return reinterpret_cast<f8>(i8{} + bits);
+}
 
 KVQ_INLINE float hsum(f8 v) {
   f4 lo, hi;

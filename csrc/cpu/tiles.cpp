@@ -387,17 +387,63 @@ KVQ_SIMD float exp_shifted(const float* s, int64_t n, float m, float* p) {
   return vec::hsum(sum);
 }
 
+namespace {
+
+// scale [n, GR] -> out [GR, n] (column g of the tile's per-token groups made contiguous), eight
+// tokens at a time in registers. Writing the columns element by element and loading them back
+// as vectors would stall on store forwarding at every load.
+template <int GR>
+KVQ_INLINE void group_columns(const float* src, int64_t n, float* out) {
+  static_assert(GR == 2 || GR == 4, "two or four groups per token");
+  for (int64_t j = 0; j < n; j += 8) {
+    const float* s = src + j * GR;
+    if constexpr (GR == 2) {
+      const f8 a = vec::load(s), b = vec::load(s + 8);
+      vec::store(out + j, __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14));
+      vec::store(out + n + j, __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15));
+    } else {
+      const f8 v0 = vec::load(s), v1 = vec::load(s + 8), v2 = vec::load(s + 16),
+               v3 = vec::load(s + 24);
+      // Tokens 0-3 then 4-7, groups (0, 1) and (2, 3): four tokens of two groups per vector.
+      const f8 a = __builtin_shufflevector(v0, v1, 0, 4, 8, 12, 1, 5, 9, 13);
+      const f8 b = __builtin_shufflevector(v0, v1, 2, 6, 10, 14, 3, 7, 11, 15);
+      const f8 c = __builtin_shufflevector(v2, v3, 0, 4, 8, 12, 1, 5, 9, 13);
+      const f8 d = __builtin_shufflevector(v2, v3, 2, 6, 10, 14, 3, 7, 11, 15);
+      vec::store(out + j, __builtin_shufflevector(a, c, 0, 1, 2, 3, 8, 9, 10, 11));
+      vec::store(out + n + j, __builtin_shufflevector(a, c, 4, 5, 6, 7, 12, 13, 14, 15));
+      vec::store(out + 2 * n + j, __builtin_shufflevector(b, d, 0, 1, 2, 3, 8, 9, 10, 11));
+      vec::store(out + 3 * n + j, __builtin_shufflevector(b, d, 4, 5, 6, 7, 12, 13, 14, 15));
+    }
+  }
+}
+
+// Column g of scale [n, groups] as a contiguous run of n floats: the input itself for one
+// group, else a transposed copy in `out` ([groups, n]).
+KVQ_INLINE const float* group_column(const float* src, int64_t n, int64_t groups, int64_t g,
+                                     float* out) {
+  if (groups == 1) return src;
+  if (g == 0) {
+    if (groups == 2) {
+      group_columns<2>(src, n, out);
+    } else if (groups == 4) {
+      group_columns<4>(src, n, out);
+    } else {
+      for (int64_t k = 0; k < groups; ++k)
+        for (int64_t j = 0; j < n; ++j) out[k * n + j] = src[j * groups + k];
+    }
+  }
+  return out + g * n;
+}
+
+}  // namespace
+
 KVQ_SIMD void value_weights(const float* p, int64_t rows, int64_t n, const float* scale,
                             const float* zero, int64_t width, int64_t group, float* tmp, float* w,
                             float* acc) {
   const int64_t groups = width / group;
-  float* sg = tmp;
-  float* zg = tmp + n;
   for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t j = 0; j < n; ++j) {
-      sg[j] = scale[j * groups + g];
-      zg[j] = zero[j * groups + g];
-    }
+    const float* sg = group_column(scale, n, groups, g, tmp);
+    const float* zg = group_column(zero, n, groups, g, tmp + groups * n);
     for (int64_t r = 0; r < rows; ++r) {
       const float* pr = p + r * n;
       float* wr = w + (r * groups + g) * n;
@@ -416,25 +462,37 @@ KVQ_SIMD void value_weights(const float* p, int64_t rows, int64_t n, const float
 
 namespace {
 
-// Token j's 8 columns [c, c + 8) of a tile as floats: rows of `width` floats (values already in
-// floats), or runs of BITS-bit codes, `run` bytes per token (dequant_col_groups' layout, read in
-// place: code m of 8 at bit m*BITS of their BITS bytes).
+// Token j's C * 8 columns [c, c + 8C) of a tile as C vectors of floats: rows of `width` floats
+// (values already in floats), or runs of BITS-bit codes, `run` bytes per token (dequant_col_groups'
+// layout, read in place: code m of 8 at bit m*BITS of their BITS bytes).
 struct FloatRows {
   const float* x;
   int64_t width;
-  KVQ_INLINE f8 operator()(int64_t j, int64_t c) const { return vec::load(x + j * width + c); }
+  template <int C>
+  KVQ_INLINE void operator()(int64_t j, int64_t c, f8 (&xv)[C]) const {
+    for (int k = 0; k < C; ++k) xv[k] = vec::load(x + j * width + c + 8 * k);
+  }
 };
 
 template <int BITS>
 struct CodeRuns {
   const uint8_t* x;
   int64_t run;
-  KVQ_INLINE f8 operator()(int64_t j, int64_t c) const {
+  // One 32-bit word, broadcast once, serves 32 / BITS codes: 4 vectors at 1 bit, 2 at 2 bits.
+  static constexpr int kPerWord = BITS <= 2 ? 4 / BITS : 1;
+  template <int C>
+  KVQ_INLINE void operator()(int64_t j, int64_t c, f8 (&xv)[C]) const {
     const u8 shifts = {0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS};
-    uint32_t word = 0;
-    std::memcpy(&word, x + j * run + c * BITS / 8, BITS);  // little-endian x86
-    return __builtin_convertvector(
-        reinterpret_cast<i8>(((u8{} + word) >> shifts) & ((1u << BITS) - 1)), f8);
+    const uint8_t* src = x + j * run + c * BITS / 8;
+    for (int k = 0; k < C; k += kPerWord) {
+      const int vectors = std::min(kPerWord, C - k);
+      uint32_t word = 0;
+      std::memcpy(&word, src + k * BITS, vectors * BITS);  // little-endian x86
+      const u8 lanes = u8{} + word;
+      for (int i = 0; i < vectors; ++i)
+        xv[k + i] = __builtin_convertvector(
+            reinterpret_cast<i8>((lanes >> (shifts + 8 * BITS * i)) & ((1u << BITS) - 1)), f8);
+    }
   }
 };
 
@@ -448,9 +506,9 @@ KVQ_INLINE void accumulate_block(const float* w, int64_t stride_r, const Src& x,
     for (int k = 0; k < C; ++k) a[r][k] = vec::load(acc + r * width + c0 + 8 * k);
   for (int64_t j = 0; j < n; ++j) {
     f8 xv[C];
-    for (int k = 0; k < C; ++k) xv[k] = x(j, c0 + 8 * k);
+    x(j, c0, xv);
     for (int r = 0; r < R; ++r) {
-      const f8 wr = vec::splat(w[r * stride_r + j]);
+      const f8 wr = vec::splat_from(w + r * stride_r + j);
       for (int k = 0; k < C; ++k) a[r][k] += wr * xv[k];
     }
   }

@@ -50,7 +50,7 @@ float exp_shifted(const float* s, int64_t n, float m, float* p);
 // Value weights of a quantized tile with one (scale, zero) per token and group of `group`
 // columns (scale[j * groups + g], groups = width / group), from probabilities p [rows, n]:
 // w[(r * groups + g) * n + j] = p[r, j] * scale[j, g], and acc[r, c] += sum_j p[r, j] *
-// zero[j, c / group]. `n` is a multiple of 8; `tmp` holds 2 n floats.
+// zero[j, c / group]. `n` is a multiple of 8; `tmp` holds 2 * groups * n floats.
 void value_weights(const float* p, int64_t rows, int64_t n, const float* scale, const float* zero,
                    int64_t width, int64_t group, float* tmp, float* w, float* acc);
 
