@@ -417,22 +417,12 @@ KVQ_INLINE void group_columns(const float* src, int64_t n, float* out) {
   }
 }
 
-// Column g of scale [n, groups] as a contiguous run of n floats: the input itself for one
-// group, else a transposed copy in `out` ([groups, n]).
-KVQ_INLINE const float* group_column(const float* src, int64_t n, int64_t groups, int64_t g,
-                                     float* out) {
-  if (groups == 1) return src;
-  if (g == 0) {
-    if (groups == 2) {
-      group_columns<2>(src, n, out);
-    } else if (groups == 4) {
-      group_columns<4>(src, n, out);
-    } else {
-      for (int64_t k = 0; k < groups; ++k)
-        for (int64_t j = 0; j < n; ++j) out[k * n + j] = src[j * groups + k];
-    }
-  }
-  return out + g * n;
+// scale [n, groups] -> out [groups, n]: each group's scales as one run over the tile's tokens.
+KVQ_INLINE void transpose_groups(const float* src, int64_t n, int64_t groups, float* out) {
+  if (groups == 2) return group_columns<2>(src, n, out);
+  if (groups == 4) return group_columns<4>(src, n, out);
+  for (int64_t k = 0; k < groups; ++k)
+    for (int64_t j = 0; j < n; ++j) out[k * n + j] = src[j * groups + k];
 }
 
 }  // namespace
@@ -441,9 +431,17 @@ KVQ_SIMD void value_weights(const float* p, int64_t rows, int64_t n, const float
                             const float* zero, int64_t width, int64_t group, float* tmp, float* w,
                             float* acc) {
   const int64_t groups = width / group;
+  const float* st = scale;  // [groups, n]: with one group the layout it already has
+  const float* zt = zero;
+  if (groups > 1) {
+    transpose_groups(scale, n, groups, tmp);
+    transpose_groups(zero, n, groups, tmp + groups * n);
+    st = tmp;
+    zt = tmp + groups * n;
+  }
   for (int64_t g = 0; g < groups; ++g) {
-    const float* sg = group_column(scale, n, groups, g, tmp);
-    const float* zg = group_column(zero, n, groups, g, tmp + groups * n);
+    const float* sg = st + g * n;
+    const float* zg = zt + g * n;
     for (int64_t r = 0; r < rows; ++r) {
       const float* pr = p + r * n;
       float* wr = w + (r * groups + g) * n;
