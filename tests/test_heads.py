@@ -510,3 +510,42 @@ def test_torchkvq_eval_with_heads_methods(tmp_path, capsys):
         main(["eval", "--methods", "heads-1", "--n-seqs", "1", "--seq-len", "192", "--prompt", "160",
               "--decode-tokens", "0", "--heads-calibration-tokens", "256", "--heads-refine-steps", "-1",
               "--out", str(out)])
+
+
+def test_refine_trains_only_the_chosen_projections():
+    from torchkvq.heads.refine import refine_attention
+
+    teacher = tiny(heads=4, kv=4, layers=1)
+    x = ids(b=4, t=24)
+    _, calls, targets = _attention_calls(teacher, x)
+    m = H.compress(copy.deepcopy(teacher), x, kv_heads=1, refit=False, progress=False)
+    attn = m.model.layers[0].self_attn
+    q0, o0, k0 = (attn.q_proj.weight.clone(), attn.o_proj.weight.clone(), attn.k_proj.weight.clone())
+    seen = []
+    before, after = refine_attention(attn, calls, targets, steps=20, lr=3e-3, projections="kv",
+                                     on_step=seen.append, generator=torch.Generator().manual_seed(0))
+    assert seen == list(range(1, 21))
+    assert after < before
+    assert torch.equal(attn.q_proj.weight, q0) and torch.equal(attn.o_proj.weight, o0)
+    assert not torch.equal(attn.k_proj.weight, k0)
+    for bad in ("", "qx", "qq"):
+        with pytest.raises(ValueError, match="projections"):
+            refine_attention(attn, calls, targets, steps=1, projections=bad)
+
+
+def test_layer_study_measures_calibration_and_held_out_error():
+    from torchkvq.heads.layer_study import study_layer
+
+    m = tiny(heads=4, kv=4, layers=2)
+    res = study_layer(m, 1, ids(b=6, t=24, seed=1), ids(b=3, t=24, seed=2), kv_heads=1, steps=30, lr=3e-3,
+                      every=10, progress=False)
+    assert [s for s, *_ in res["curve"]] == [0, 10, 20, 30]
+    assert all(0 < e for _, *es in res["curve"] for e in es)
+    assert res["refit"][0] < res["pca"][0]  # the refit is a least-squares fit on the calibration windows
+    assert res["curve"][-1][1] < res["curve"][0][1]
+    assert m.model.layers[1].self_attn.k_proj.out_features == 16  # merged in place; layer 0 untouched
+    assert m.model.layers[0].self_attn.k_proj.out_features == 64
+    with pytest.raises(ValueError, match="layer"):
+        study_layer(tiny(), 5, ids(), ids(seed=2), progress=False)
+    with pytest.raises(ValueError, match="kv_heads"):
+        study_layer(tiny(), 0, ids(), ids(seed=2), kv_heads=3, progress=False)

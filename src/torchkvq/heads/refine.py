@@ -13,6 +13,7 @@ not fine-tuning). See docs/heads.md for what it buys.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,8 +21,10 @@ from torch import nn
 __all__ = ["refine_attention", "output_error"]
 
 
-def _projections(attn: nn.Module) -> list[nn.Parameter]:
-    return [p for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj) for p in lin.parameters()]
+def _projections(attn: nn.Module, which: str = "qkvo") -> list[nn.Parameter]:
+    if not which or any(c not in "qkvo" for c in which) or len(set(which)) != len(which):
+        raise ValueError(f"projections must be distinct letters from 'qkvo' (e.g. 'qkvo', 'kv'), got {which!r}")
+    return [p for c in "qkvo" if c in which for p in getattr(attn, f"{c}_proj").parameters()]
 
 
 def _out(attn: nn.Module, call) -> torch.Tensor:
@@ -42,7 +45,8 @@ def output_error(attn: nn.Module, calls: list, targets: list[torch.Tensor]) -> f
 
 def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], steps: int,
                      lr: float = 1e-3, calls_per_step: int = 4,
-                     generator: torch.Generator | None = None) -> tuple[float, float]:
+                     generator: torch.Generator | None = None, projections: str = "qkvo",
+                     on_step: Callable[[int], None] | None = None) -> tuple[float, float]:
     """Adam on ``q_proj``/``k_proj``/``v_proj``/``o_proj`` of ``attn`` (in place).
 
     Args:
@@ -52,14 +56,17 @@ def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], 
         targets: the output ``[B, T, hidden]`` each call should produce.
         steps: optimizer steps; each averages the gradient of ``calls_per_step`` calls drawn at
             random without replacement. The learning rate follows a cosine from ``lr`` to 0.
+        projections: which of the four projections are trained (letters of ``"qkvo"``).
+        on_step: called with the step number (1..steps) after each step, gradients off (e.g.
+            to measure a held-out error; :mod:`torchkvq.heads.layer_study`).
     Returns ``(relative error before, after)`` over all calls (:func:`output_error`).
     """
     if steps < 0 or calls_per_step < 1:
         raise ValueError(f"steps must be >= 0 and calls_per_step >= 1, got {steps}, {calls_per_step}")
+    params = _projections(attn, projections)
     before = output_error(attn, calls, targets)
     if steps == 0:
         return before, before
-    params = _projections(attn)
     flags = [p.requires_grad for p in params]
     start = {id(p): p.detach().clone() for p in params}
     opt = torch.optim.Adam(params, lr=lr)
@@ -70,7 +77,7 @@ def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], 
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for _ in range(steps):
+            for step in range(1, steps + 1):
                 pick = torch.randperm(len(calls), generator=generator)[:per].tolist()
                 denom = sum(norms[i] for i in pick)
                 opt.zero_grad(set_to_none=True)
@@ -79,6 +86,9 @@ def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], 
                     loss.backward()
                 opt.step()
                 sched.step()
+                if on_step is not None:
+                    with torch.no_grad():
+                        on_step(step)
     finally:
         for p, f in zip(params, flags):
             p.grad = None
