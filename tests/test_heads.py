@@ -360,17 +360,10 @@ def test_recovery_distillation_lowers_kl():
 
 def _attention_calls(model, x):
     """The first layer's attention calls and outputs on ``x``, one per row."""
+    from torchkvq.heads.layer_study import attention_calls
+
     attn = model.model.layers[0].self_attn
-    calls, outs = [], []
-    h1 = attn.register_forward_pre_hook(lambda _m, a, k: calls.append((a, k)), with_kwargs=True)
-    h2 = attn.register_forward_hook(lambda _m, _a, _k, o: outs.append(o[0].detach()), with_kwargs=True)
-    try:
-        for row in x:
-            logits(model, row[None], use_cache=False)
-    finally:
-        h1.remove()
-        h2.remove()
-    return attn, calls, outs
+    return (attn, *attention_calls(model, attn, x))
 
 
 def test_refine_attention_lowers_the_output_error_of_a_merged_layer():

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["attention_modules", "calibration_token_ids", "collect_input_moments"]
+__all__ = ["attention_modules", "augmented_moment", "calibration_token_ids", "collect_input_moments"]
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -68,6 +68,15 @@ def calibration_token_ids(data, tokenizer=None, seq_len: int = 512) -> list[torc
             for s in data]
 
 
+def augmented_moment(x: torch.Tensor) -> torch.Tensor:
+    """``sum x~ x~^T`` over the rows of ``x [..., hidden]`` with ``x~ = [x, 1]``: float64
+    ``[hidden+1, hidden+1]`` on the CPU (the product itself in float32, as every figure in
+    docs/heads.md was computed)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    xa = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    return (xa.T @ xa).to(torch.float64).cpu()
+
+
 @torch.inference_mode()
 def collect_input_moments(model, batches: Iterable[torch.Tensor], batch_size: int = 1,
                           progress: bool = True) -> tuple[list[torch.Tensor], int]:
@@ -83,10 +92,7 @@ def collect_input_moments(model, batches: Iterable[torch.Tensor], batch_size: in
 
     def hook_for(i):
         def hook(_module, args, kwargs=None):
-            x = args[0] if args else kwargs["input"]
-            x = x.detach().reshape(-1, x.shape[-1]).float()
-            xa = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-            moments[i] += (xa.T @ xa).to(torch.float64).cpu()
+            moments[i] += augmented_moment(args[0] if args else kwargs["input"])
         return hook
 
     handles = [m.k_proj.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(mods)]

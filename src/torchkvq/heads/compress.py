@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibrate import attention_modules, calibration_token_ids, collect_input_moments
+from .calibrate import attention_modules, augmented_moment, calibration_token_ids, collect_input_moments
 from .rope import complex_rows, real_rows
 
 __all__ = ["compress", "plan_layer", "apply_plan", "emulate_plan", "LayerPlan", "LayerReport",
@@ -335,6 +335,22 @@ def refit_output(attn: nn.Module, merged_in: torch.Tensor, target: torch.Tensor,
     return float((y - a @ w.T).square().sum() / y.square().sum().clamp_min(_EPS))
 
 
+@torch.no_grad()
+def refit_on_calls(attn: nn.Module, calls: list, targets: list[torch.Tensor], ridge: float) -> float:
+    """:func:`refit_output` on the merged module's own ``o_proj`` inputs for ``calls``
+    (``(args, kwargs)`` of its forward) against ``targets`` (the original outputs, ``[B, T,
+    hidden]`` each). Returns the relative residual."""
+    merged_in = []
+    h = attn.o_proj.register_forward_pre_hook(lambda _m, a: merged_in.append(a[0].detach()))
+    try:
+        for args, kw in calls:
+            attn(*args, **kw)
+    finally:
+        h.remove()
+    return refit_output(attn, torch.cat([m.reshape(-1, m.shape[-1]) for m in merged_in]),
+                        torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]), ridge)
+
+
 def _hidden(call) -> torch.Tensor:
     args, kw = call
     return args[0] if args else kw["hidden_states"]
@@ -393,9 +409,7 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
             targets.append((out[0] if isinstance(out, tuple) else out).detach())
 
         def k_in(_m, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            xa = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-            sums.add_((xa.T @ xa).to(torch.float64).cpu())
+            sums.add_(augmented_moment(args[0]))
 
         hs = [attn.register_forward_pre_hook(pre, with_kwargs=True),
               attn.register_forward_hook(post, with_kwargs=True),
@@ -428,17 +442,7 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
         plan = plan_layer(attn, kv_heads, sums / tokens, key_weighting, value_weighting)
         apply_plan(attn, plan)
         if refit:
-            merged_in = []
-            h = attn.o_proj.register_forward_pre_hook(lambda _m, a: merged_in.append(a[0].detach()))
-            try:
-                with torch.no_grad():
-                    for args, kw in attn_calls:
-                        attn(*args, **kw)
-            finally:
-                h.remove()
-            plan.report.output_residual = refit_output(
-                attn, torch.cat([m.reshape(-1, m.shape[-1]) for m in merged_in]),
-                torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]), ridge)
+            plan.report.output_residual = refit_on_calls(attn, attn_calls, targets, ridge)
         if refine:
             kw_r = {k: v for k, v in refine.items() if k != "target"}
             plan.report.refine_error = refine_attention(

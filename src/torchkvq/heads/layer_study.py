@@ -23,45 +23,34 @@ from torch import nn
 __all__ = ["attention_calls", "study_layer"]
 
 
-class _Done(Exception):
-    pass
-
-
-def attention_calls(model, attn: nn.Module, windows: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
+def attention_calls(model, attn: nn.Module, windows: torch.Tensor,
+                    progress: bool = False) -> tuple[list, list[torch.Tensor]]:
     """The ``(args, kwargs)`` of ``attn``'s forward call for each window ``[T]`` of ``windows
     [N, T]`` (int64), and its output ``[1, T, hidden]``; the forward stops at ``attn``."""
+    from tqdm.auto import tqdm
+
+    from .compress import _Stop
+
     calls, outs = [], []
 
     def post(_m, _a, _k, out):
         outs.append((out[0] if isinstance(out, tuple) else out).detach())
-        raise _Done
+        raise _Stop
 
     hooks = [attn.register_forward_pre_hook(lambda _m, a, k: calls.append((a, k)), with_kwargs=True),
              attn.register_forward_hook(post, with_kwargs=True)]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for w in windows:
+            for w in tqdm(windows, desc="layer inputs", unit="window", disable=not progress):
                 try:
                     model(w[None].to(device), use_cache=False)
-                except _Done:
+                except _Stop:
                     pass
     finally:
         for h in hooks:
             h.remove()
     return calls, outs
-
-
-def _input_moments(calls) -> torch.Tensor:
-    """Second moment ``[hidden+1, hidden+1]`` (float64) of ``[x, 1]`` over every call's tokens."""
-    sums, n = None, 0
-    for args, kw in calls:
-        x = args[0] if args else kw["hidden_states"]
-        x = x.reshape(-1, x.shape[-1])
-        xa = torch.cat([x, torch.ones_like(x[:, :1])], 1).to(torch.float64).cpu()
-        sums = xa.T @ xa if sums is None else sums + xa.T @ xa
-        n += x.shape[0]
-    return sums / n
 
 
 def study_layer(model, layer: int, train: torch.Tensor, held_out: torch.Tensor, kv_heads: int = 1,
@@ -74,8 +63,8 @@ def study_layer(model, layer: int, train: torch.Tensor, held_out: torch.Tensor, 
     :func:`torchkvq.heads.refine.output_error`)."""
     from tqdm.auto import tqdm
 
-    from .calibrate import attention_modules
-    from .compress import _check_supported, apply_plan, plan_layer, refit_output
+    from .calibrate import attention_modules, augmented_moment
+    from .compress import _check_supported, apply_plan, plan_layer, refit_on_calls
     from .refine import output_error, refine_attention
 
     mods = attention_modules(model)
@@ -89,25 +78,17 @@ def study_layer(model, layer: int, train: torch.Tensor, held_out: torch.Tensor, 
         raise ValueError(f"kv_heads must divide the layer's {n_kv} KV heads, got {kv_heads}")
     attn = mods[layer]
     model.eval()
-    tr_calls, tr_out = attention_calls(model, attn, train)
-    ho_calls, ho_out = attention_calls(model, attn, held_out)
+    tr_calls, tr_out = attention_calls(model, attn, train, progress)
+    ho_calls, ho_out = attention_calls(model, attn, held_out, progress)
 
     def errors():
         return output_error(attn, tr_calls, tr_out), output_error(attn, ho_calls, ho_out)
 
-    apply_plan(attn, plan_layer(attn, kv_heads, _input_moments(tr_calls)))
+    moments = sum(augmented_moment(args[0] if args else kw["hidden_states"]) for args, kw in tr_calls)
+    apply_plan(attn, plan_layer(attn, kv_heads, moments / sum(t.shape[:-1].numel() for t in tr_out)))
     res = {"layer": layer, "kv_heads": kv_heads, "train_windows": len(train), "held_out_windows": len(held_out),
            "steps": steps, "lr": lr, "projections": projections, "pca": errors()}
-    merged_in = []
-    h = attn.o_proj.register_forward_pre_hook(lambda _m, a: merged_in.append(a[0].detach()))
-    try:
-        with torch.no_grad():
-            for args, kw in tr_calls:
-                attn(*args, **kw)
-    finally:
-        h.remove()
-    refit_output(attn, torch.cat([m.reshape(-1, m.shape[-1]) for m in merged_in]),
-                 torch.cat([t.reshape(-1, t.shape[-1]) for t in tr_out]), ridge)
+    refit_on_calls(attn, tr_calls, tr_out, ridge)
     res["refit"] = errors()
     res["curve"] = [(0, *res["refit"])]
     bar = tqdm(total=steps, desc=f"refining layer {layer}", unit="step", disable=not progress)
@@ -137,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--held-out-windows", type=int, default=16)
     p.add_argument("--window-len", type=int, default=256)
     p.add_argument("--train-offset", type=int, default=100_000)
-    p.add_argument("--held-out-offset", type=int, default=300_000)
+    p.add_argument("--held-out-offset", type=int, default=400_000)
     p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--every", type=int, default=400)
@@ -166,6 +147,9 @@ def main(argv=None) -> int:
     print(f"| PCA merge | {res['pca'][0]:.4f} | {res['pca'][1]:.4f} |")
     for step, e_tr, e_ho in res["curve"]:
         print(f"| {'refit' if step == 0 else step} | {e_tr:.4f} | {e_ho:.4f} |")
+    if res["final"] != tuple(res["curve"][-1][1:]):
+        print(f"| kept the refit (the refinement did not lower the calibration error) | "
+              f"{res['final'][0]:.4f} | {res['final'][1]:.4f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
