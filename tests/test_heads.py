@@ -387,6 +387,84 @@ def test_refine_attention_lowers_the_output_error_of_a_merged_layer():
         refine_attention(attn, calls, targets, steps=-1)
 
 
+def test_output_sensitivities_are_the_squared_loss_gradient():
+    """Against the gradient of the summed next-token loss in an offset ``delta`` added to one
+    layer's attention output (``delta`` = 0, so the model is unchanged); no parameter touched."""
+    from torchkvq.heads.calibrate import output_sensitivities
+
+    m = tiny(heads=4, kv=2, layers=3)
+    x = ids(b=2, t=16)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    sens = output_sensitivities(m, [x[:1], x[1:]], progress=False)
+    assert len(sens) == 3 and all(len(s) == 2 and s[0].shape == (1, 16, 48) for s in sens)
+    assert all(torch.equal(p, before[n]) and p.grad is None and p.requires_grad for n, p in m.named_parameters())
+    for layer in range(3):
+        for row in range(2):
+            delta = torch.zeros(1, 16, 48, requires_grad=True)
+            h = m.model.layers[layer].self_attn.register_forward_hook(
+                lambda _m, _a, out: (out[0] + delta,) + tuple(out[1:]))
+            try:
+                lg = m(x[row:row + 1]).logits[0, :-1]
+                (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(lg, x[row, 1:], reduction="sum"), delta)
+            finally:
+                h.remove()
+            assert g.abs().max() > 0
+            torch.testing.assert_close(sens[layer][row], g.square(), rtol=1e-5, atol=1e-9)
+    assert sens[2][0][0, -1].abs().max() == 0  # the last token's output feeds no loss term
+
+
+def test_refine_weights_of_one_change_nothing_and_are_checked():
+    from torchkvq.heads.refine import output_error, refine_attention
+
+    teacher = tiny(heads=4, kv=4, layers=1)
+    x = ids(b=4, t=24)
+    _, calls, targets = _attention_calls(teacher, x)
+    runs = []
+    for weights in (None, [torch.ones_like(t) for t in targets]):
+        m = H.compress(copy.deepcopy(teacher), x, kv_heads=1, refit=False, progress=False)
+        attn = m.model.layers[0].self_attn
+        runs.append(refine_attention(attn, calls, targets, steps=10, lr=3e-3, weights=weights,
+                                     generator=torch.Generator().manual_seed(0)))
+    assert runs[0] == runs[1]
+    w = [torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(targets)]
+    assert output_error(attn, calls, targets, w) != pytest.approx(output_error(attn, calls, targets), rel=1e-3)
+    with pytest.raises(ValueError, match="weights"):
+        refine_attention(attn, calls, targets, steps=1, weights=w[:-1])
+    with pytest.raises(ValueError, match="weights"):
+        refine_attention(attn, calls, targets, steps=1, weights=[t[..., :-1] for t in w])
+
+
+@pytest.mark.parametrize("target", ["layer", "stream"])
+def test_refit_mlp_lowers_each_layers_output_error(target, tmp_path):
+    """The down_proj refit is a least squares shrunk towards the current weight: on the
+    calibration tokens each refitted layer's output is closer to its target than before."""
+    teacher = tiny(heads=4, kv=4, layers=2, hidden=32)
+    x = ids(b=8, t=48)
+    plain = H.compress(copy.deepcopy(teacher), x, kv_heads=1, progress=False)
+    m = H.compress(copy.deepcopy(teacher), x, kv_heads=1, refit_mlp=target, progress=False)
+    rep = m.torchkvq_heads_report
+    assert rep.method.endswith(f"+refit_mlp({target})")
+    assert all(0 < r.mlp_residual < 1 for r in rep.layers)
+    changed = [not torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight)
+               for a, b in zip(m.model.layers, plain.model.layers)]
+    assert all(changed)
+    # attention identical to the plain merge in layer 0 (its inputs are the same)
+    assert torch.equal(m.model.layers[0].self_attn.k_proj.weight, plain.model.layers[0].self_attn.k_proj.weight)
+
+    def first_layer_error(model):
+        out = {}
+        h = model.model.layers[0].register_forward_hook(lambda _m, _a, o: out.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        t = {}
+        g = teacher.model.layers[0].register_forward_hook(lambda _m, _a, o: t.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        logits(model, x), logits(teacher, x)
+        h.remove(), g.remove()
+        return float((out["h"] - t["h"]).square().sum())
+    assert first_layer_error(m) < first_layer_error(plain)
+    m.save_pretrained(tmp_path)
+    held = ids(b=2, t=32, seed=7)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), held), logits(m, held))
+
+
 def test_refine_keeps_the_merge_when_it_cannot_improve():
     """Group size 1 is exact: there is nothing to improve, and Adam's normalized steps on the
     round-off gradient would only move away from it, so the merge is kept as it was."""
@@ -398,7 +476,7 @@ def test_refine_keeps_the_merge_when_it_cannot_improve():
     assert all(b == a for b, a in (r.refine_error for r in out.torchkvq_heads_report.layers))
 
 
-@pytest.mark.parametrize("target", ["layer", "stream", "stream-residual"])
+@pytest.mark.parametrize("target", ["layer", "fisher", "stream", "stream-residual"])
 def test_compress_with_refinement(target, tmp_path):
     teacher = tiny(heads=4, kv=4, layers=2)
     x, held = ids(b=6, t=32), ids(b=2, t=32, seed=7)
@@ -412,7 +490,7 @@ def test_compress_with_refinement(target, tmp_path):
                                                  reduction="batchmean")
     ref = logits(teacher, held)
     assert torch.isfinite(logits(m, held)).all()
-    if target == "layer":
+    if target in ("layer", "fisher"):
         on_calib = logits(teacher, x)
         assert kl(on_calib, logits(m, x)) < kl(on_calib, logits(plain, x))
     m.save_pretrained(tmp_path)
@@ -426,6 +504,14 @@ def test_refine_arguments_checked_before_the_model_is_touched():
         H.compress(m, ids(), kv_heads=2, refine_steps=-3, progress=False)
     with pytest.raises(ValueError, match="refine_target"):
         H.compress(m, ids(), kv_heads=2, refine_steps=3, refine_target="model", progress=False)
+    for damping, target in ((-1.0, "fisher"), (0.5, "layer")):
+        with pytest.raises(ValueError, match="refine_damping"):
+            H.compress(m, ids(), kv_heads=2, refine_steps=3, refine_target=target, refine_damping=damping,
+                       progress=False)
+    with pytest.raises(ValueError, match="refit_mlp"):
+        H.compress(m, ids(), kv_heads=2, refit_mlp="model", progress=False)
+    with pytest.raises(ValueError, match="refit_mlp needs the sequential"):
+        H.compress(m, ids(), kv_heads=2, refit_mlp="layer", sequential=False, progress=False)
     with pytest.raises(ValueError, match="sequential"):
         H.compress(m, ids(), kv_heads=2, refine_steps=3, sequential=False, progress=False)
     with pytest.raises(ValueError, match="sequential"):

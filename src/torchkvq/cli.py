@@ -160,8 +160,14 @@ def _compress_heads_parser(sub) -> None:
                    help="layer-wise refinement: Adam steps per layer on the attention output after the merge "
                    "(calibration only, no end-to-end loss; default 0 = off; not with --one-pass; docs/heads.md)")
     p.add_argument("--refine-lr", type=float, default=1e-3, help="peak learning rate of --refine-steps (default 1e-3)")
-    p.add_argument("--refine-target", choices=["layer", "stream", "stream-residual"], default="layer",
-                   help="what a refined layer reproduces (default layer: the original layer on the same inputs)")
+    p.add_argument("--refine-target", choices=["layer", "fisher", "stream", "stream-residual"], default="layer",
+                   help="what a refined layer reproduces (default layer: the original layer on the same inputs; "
+                   "fisher: the same, each error weighted by its effect on the original model's loss)")
+    p.add_argument("--refine-damping", type=float, default=0.0,
+                   help="with --refine-target fisher: add this multiple of the mean weight to every weight")
+    p.add_argument("--refit-mlp", choices=["layer", "stream"], default=None,
+                   help="also refit each layer's mlp.down_proj so the layer reproduces the original layer "
+                   "(layer) or the original model's hidden state (stream); default off; docs/heads.md")
     p.add_argument("--recover-steps", type=int, default=0,
                    help="optional recovery: distil the original model into the merged one for this many "
                    "steps, training only q/k/v/o (default 0 = off; docs/heads.md)")
@@ -198,7 +204,8 @@ def _run_compress_heads(args) -> int:
     try:
         compress(model, calib if args.init == "activations" else None, kv_heads=args.kv_heads, init=args.init,
                  sequential=not args.one_pass, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-                 refine_target=args.refine_target, progress=True)
+                 refine_target=args.refine_target, refine_damping=args.refine_damping,
+                 refit_mlp=args.refit_mlp, progress=True)
     except (ValueError, NotImplementedError) as e:
         raise SystemExit(f"torchkvq compress-heads: {e}")
     rep = model.torchkvq_heads_report

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["attention_modules", "augmented_moment", "calibration_token_ids", "collect_input_moments"]
+__all__ = ["attention_modules", "augmented_moment", "calibration_token_ids", "collect_input_moments",
+           "output_sensitivities"]
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -111,3 +112,53 @@ def collect_input_moments(model, batches: Iterable[torch.Tensor], batch_size: in
     if tokens == 0:
         raise ValueError("no calibration tokens")
     return moments, tokens
+
+
+def output_sensitivities(model, batches: Sequence[torch.Tensor], progress: bool = True) -> list[list[torch.Tensor]]:
+    """How much each attention layer's output matters to the model's next-token loss.
+
+    For every ``[B, T]`` batch of token ids, one forward and backward pass of ``model`` (its
+    parameters untouched, no parameter gradients) gives ``g = dL/da`` for each layer's attention
+    output ``a`` (``L``: the summed next-token cross-entropy of the batch). Returns, per layer
+    and per batch, ``g**2`` (float32, ``[B, T, hidden]``): the diagonal of the empirical Fisher
+    per token, so that ``sum g**2 * (a' - a)**2`` is a second-order estimate of what changing
+    ``a`` to ``a'`` costs the loss (BRECQ's Fisher-weighted reconstruction).
+    """
+    from tqdm.auto import tqdm
+
+    mods = attention_modules(model)
+    sens: list[list[torch.Tensor]] = [[] for _ in mods]
+    device = next(model.parameters()).device
+
+    def hook_for(i):
+        def hook(_m, _args, out):
+            a = out[0] if isinstance(out, tuple) else out
+            a.register_hook(lambda g: sens[i].append(g.detach().float().square().cpu()))
+        return hook
+
+    def leaf(_m, _args, out):  # gradients flow from the embeddings on, not into any parameter
+        return out.detach().requires_grad_(True)
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(mods)]
+    handles.append(model.get_input_embeddings().register_forward_hook(leaf))
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for ids in tqdm(batches, desc="output sensitivities", unit="batch", disable=not progress):
+                ids = ids.to(device)
+                logits = model(ids, use_cache=False).logits
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                    reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return sens

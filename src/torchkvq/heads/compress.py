@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibrate import attention_modules, augmented_moment, calibration_token_ids, collect_input_moments
+from .calibrate import (attention_modules, augmented_moment, calibration_token_ids, collect_input_moments,
+                        output_sensitivities)
 from .rope import complex_rows, real_rows
 
 __all__ = ["compress", "plan_layer", "apply_plan", "emulate_plan", "LayerPlan", "LayerReport",
@@ -53,6 +54,7 @@ class LayerReport:
     value_energy: float
     output_residual: float | None = None  # relative o_proj residual after a refit
     refine_error: tuple[float, float] | None = None  # attention-output error before/after refinement
+    mlp_residual: float | None = None  # relative down_proj residual after a refit_mlp
 
 
 @dataclass
@@ -300,6 +302,10 @@ def emulate_plan(attn: nn.Module, plan: LayerPlan, keys: bool = True, values: bo
 # --------------------------------------------------------------------------------------------
 
 
+#: what a refined layer reproduces (``compress(refine_target=...)``)
+REFINE_TARGETS = ("layer", "fisher", "stream", "stream-residual")
+
+
 class _Stop(Exception):
     pass
 
@@ -317,22 +323,29 @@ def _decoder_layers(model, mods) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def refit_output(attn: nn.Module, merged_in: torch.Tensor, target: torch.Tensor, ridge: float) -> float:
-    """Least-squares refit of ``o_proj`` so that the merged heads' outputs reproduce the
-    original attention output: ``min ||target - b - A W^T||^2 + lam ||W - W_fold||^2`` with
-    ``A`` the merged model's ``o_proj`` input ``[N, heads*d]`` and ``W_fold`` the PCA fold;
-    ``lam = ridge * mean(diag(A^T A))``. Returns the relative residual after the refit."""
-    a = merged_in.reshape(-1, merged_in.shape[-1]).to(torch.float64)
+def ridge_refit(lin: nn.Linear, inputs: torch.Tensor, target: torch.Tensor, ridge: float) -> float:
+    """Refit ``lin.weight`` (in place) so that ``lin`` maps ``inputs [N, in]`` to ``target [N,
+    out]``: ``min ||target - b - A W^T||^2 + lam ||W - W_0||^2`` (``W_0`` the current weight,
+    ``b`` the bias, kept; ``lam = ridge * mean(diag(A^T A))``). Returns the relative residual."""
+    a = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
     y = target.reshape(-1, target.shape[-1]).to(torch.float64)
-    w0 = attn.o_proj.weight.detach().to(torch.float64)
-    if attn.o_proj.bias is not None:
-        y = y - attn.o_proj.bias.detach().to(torch.float64)
+    w0 = lin.weight.detach().to(torch.float64)
+    if lin.bias is not None:
+        y = y - lin.bias.detach().to(torch.float64)
     ata = a.T @ a
     lam = ridge * float(ata.diagonal().mean())
     rhs = a.T @ y + lam * w0.T
     w = torch.linalg.solve(ata + lam * torch.eye(ata.shape[0], dtype=ata.dtype), rhs).T
-    attn.o_proj.weight.copy_(w)
+    lin.weight.copy_(w)
     return float((y - a @ w.T).square().sum() / y.square().sum().clamp_min(_EPS))
+
+
+def refit_output(attn: nn.Module, merged_in: torch.Tensor, target: torch.Tensor, ridge: float) -> float:
+    """Least-squares refit of ``o_proj`` so that the merged heads' outputs reproduce the
+    original attention output (:func:`ridge_refit`; ``merged_in``: the merged model's
+    ``o_proj`` input ``[N, heads*d]``, shrunk towards the PCA fold). Returns the relative
+    residual after the refit."""
+    return ridge_refit(attn.o_proj, merged_in, target, ridge)
 
 
 @torch.no_grad()
@@ -351,6 +364,29 @@ def refit_on_calls(attn: nn.Module, calls: list, targets: list[torch.Tensor], ri
                         torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]), ridge)
 
 
+@torch.no_grad()
+def refit_down_proj(layer: nn.Module, calls: list, targets: list[torch.Tensor], ridge: float) -> float:
+    """Refit the decoder layer's MLP output projection (``mlp.down_proj``) so that the layer,
+    its attention already merged, reproduces ``targets`` (the original layer's outputs ``[B, T,
+    hidden]`` for ``calls``): the MLP's hidden features of the merged layer's own residual
+    stream are asked to cancel what they can of the attention's error, the way the ``o_proj``
+    refit folds the value error (:func:`ridge_refit`, shrunk towards the current weight).
+    Returns the relative residual of the down projection's least squares."""
+    down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if not isinstance(down, nn.Linear):
+        raise NotImplementedError(f"{type(layer).__name__} has no mlp.down_proj linear layer to refit")
+    ins, need = [], []
+    h = down.register_forward_pre_hook(lambda _m, a: ins.append(a[0].detach()))
+    try:
+        for call, t in zip(calls, targets):
+            out = _hidden(_next_call(call, layer(*call[0], **call[1])))
+            need.append((t - out).reshape(-1, t.shape[-1]))  # what down_proj must add to its output now
+    finally:
+        h.remove()
+    a = torch.cat([x.reshape(-1, x.shape[-1]) for x in ins])
+    return ridge_refit(down, a, down(a) + torch.cat(need), ridge)
+
+
 def _hidden(call) -> torch.Tensor:
     args, kw = call
     return args[0] if args else kw["hidden_states"]
@@ -358,7 +394,7 @@ def _hidden(call) -> torch.Tensor:
 
 def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_weighting,
                          refit: bool, ridge: float, progress: bool, report: "CompressReport",
-                         refine: dict | None = None) -> None:
+                         refine: dict | None = None, refit_mlp: str | None = None) -> None:
     """Layer by layer on cached hidden states (one pass through the model in all): each layer
     is calibrated on the outputs of the already-merged layers before it, and (``refit``) its
     ``o_proj`` is refitted to the original layer's attention output on those inputs;
@@ -392,12 +428,22 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
                  for a, kw in states)
     report.calibration_tokens = tokens
     target_kind = (refine or {}).get("target", "layer")
-    if target_kind not in ("layer", "stream", "stream-residual"):
-        raise ValueError(f"refine target must be 'layer', 'stream' or 'stream-residual', got {target_kind!r}")
-    orig_states = list(states) if refine and target_kind != "layer" else None
+    if target_kind not in REFINE_TARGETS:
+        raise ValueError(f"refine target must be one of {REFINE_TARGETS}, got {target_kind!r}")
+    stream_refine = bool(refine) and target_kind.startswith("stream")
+    orig_states = list(states) if stream_refine or refit_mlp == "stream" else None
+    sens = None
+    if refine and target_kind == "fisher":  # from the original model, before any layer changes
+        sens = output_sensitivities(model, batches, progress=progress)
+        damping = refine.get("damping", 0.0)
+        if damping:
+            for per_layer in sens:
+                mean = sum(float(w.sum()) for w in per_layer) / sum(w.numel() for w in per_layer)
+                for w in per_layer:
+                    w.add_(damping * mean)
 
-    for layer, attn in tqdm(list(zip(layers, mods)), desc="merging KV heads (sequential)",
-                            unit="layer", disable=not progress):
+    for i, (layer, attn) in enumerate(tqdm(list(zip(layers, mods)), desc="merging KV heads (sequential)",
+                                           unit="layer", disable=not progress)):
         hidden = attn.k_proj.in_features
         sums = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
         attn_calls, targets = [], []
@@ -414,10 +460,13 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
         hs = [attn.register_forward_pre_hook(pre, with_kwargs=True),
               attn.register_forward_hook(post, with_kwargs=True),
               attn.k_proj.register_forward_pre_hook(k_in)]
+        layer_targets = []  # the original layer's outputs, for refit_mlp
         try:
             with torch.no_grad():
                 for args, kw in states:
-                    layer(*args, **kw)
+                    out = layer(*args, **kw)
+                    if refit_mlp == "layer":
+                        layer_targets.append(_hidden(_next_call((args, kw), out)))
         finally:
             for h in hs:
                 h.remove()
@@ -439,15 +488,22 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
             if target_kind == "stream-residual":  # also undo the residual stream's drift
                 stream_t = [t + _hidden(o) - _hidden(m) for t, o, m in zip(stream_t, orig_states, states)]
             orig_states = nxt
+            if refit_mlp == "stream":
+                layer_targets = [_hidden(c) for c in nxt]
         plan = plan_layer(attn, kv_heads, sums / tokens, key_weighting, value_weighting)
         apply_plan(attn, plan)
         if refit:
             plan.report.output_residual = refit_on_calls(attn, attn_calls, targets, ridge)
         if refine:
-            kw_r = {k: v for k, v in refine.items() if k != "target"}
+            kw_r = {k: v for k, v in refine.items() if k not in ("target", "damping")}
             plan.report.refine_error = refine_attention(
-                attn, attn_calls, targets if orig_states is None else stream_t, **kw_r)
-        del attn_calls, targets
+                attn, attn_calls, stream_t if stream_refine else targets,
+                weights=None if sens is None else sens[i], **kw_r)
+        if refit_mlp:
+            plan.report.mlp_residual = refit_down_proj(layer, states, layer_targets, ridge)
+        del attn_calls, targets, layer_targets
+        if sens is not None:
+            sens[i] = None
         report.layers.append(plan.report)
         with torch.no_grad():
             states = [_next_call(c, layer(*c[0], **c[1])) for c in states]
@@ -483,7 +539,7 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
              key_weighting: str = "query", value_weighting: str = "output",
              sequential: bool = True, refit: bool = True, ridge: float = 1e-2,
              refine_steps: int = 0, refine_lr: float = 1e-3, refine_target: str = "layer",
-             moments: tuple[list[torch.Tensor], int] | None = None, progress: bool = True,
+             refine_damping: float = 0.0, refit_mlp: str | None = None, moments: tuple[list[torch.Tensor], int] | None = None, progress: bool = True,
              emulate: str | None = None):
     """Merge every layer's KV heads into ``kv_heads`` heads, in place; returns ``model``.
 
@@ -514,7 +570,18 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
             output on the same (merged-model) inputs; ``"stream"`` — the original layer's output
             on the original model's hidden states, so a layer also makes up for the layers
             before it; ``"stream-residual"`` — that plus the residual stream's drift (Llama-style
-            pre-norm layers, where the attention output is added to the layer input).
+            pre-norm layers, where the attention output is added to the layer input);
+            ``"fisher"`` — the ``"layer"`` target with each element of the error weighted by
+            how much it moves the original model's loss on the calibration text
+            (:func:`~torchkvq.heads.calibrate.output_sensitivities`, one extra forward and
+            backward pass of the original model per calibration window; BRECQ's
+            Fisher-weighted reconstruction). ``refine_damping`` (fisher only) adds that multiple of
+            each layer's mean weight to every weight, mixing in the plain error.
+        refit_mlp: (sequential only) after the attention's merge (and refit, refinement), refit
+            each decoder layer's ``mlp.down_proj`` by ridge least squares
+            (:func:`refit_down_proj`) so that the layer's output reproduces ``"layer"`` — the
+            original layer's output on the same inputs — or ``"stream"`` — the original model's
+            hidden state after that layer (upstream drift included). None: off.
         moments: precomputed ``collect_input_moments`` output, to reuse one calibration pass
             (implies the one-pass, non-sequential path).
         progress: tqdm progress bars.
@@ -534,8 +601,17 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
         raise ValueError(f"value_weighting must be 'output' or 'none', got {value_weighting!r}")
     if not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
-    if refine_target not in ("layer", "stream", "stream-residual"):
-        raise ValueError(f"refine_target must be 'layer', 'stream' or 'stream-residual', got {refine_target!r}")
+    if refine_target not in REFINE_TARGETS:
+        raise ValueError(f"refine_target must be one of {REFINE_TARGETS}, got {refine_target!r}")
+    if not (isinstance(refine_damping, (int, float)) and refine_damping >= 0) or (
+            refine_damping and refine_target != "fisher"):
+        raise ValueError(f"refine_damping must be a number >= 0 and applies to refine_target='fisher' only, "
+                         f"got {refine_damping!r} with refine_target={refine_target!r}")
+    if refit_mlp not in (None, "layer", "stream"):
+        raise ValueError(f"refit_mlp must be None, 'layer' or 'stream', got {refit_mlp!r}")
+    if refit_mlp and not (init == "activations" and sequential and moments is None and emulate is None):
+        raise ValueError("refit_mlp needs the sequential activation merge (init='activations', "
+                         "sequential=True, no moments=, no emulate=)")
     if refine_steps and not (init == "activations" and sequential and moments is None and emulate is None):
         raise ValueError("refine_steps needs the sequential activation merge (init='activations', "
                          "sequential=True, no moments=, no emulate=)")
@@ -565,11 +641,13 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
         report.method = "sequential" + (f"+refit(ridge={ridge:g})" if refit else "")
         refine = None
         if refine_steps:
-            refine = dict(steps=refine_steps, lr=refine_lr, target=refine_target,
+            refine = dict(steps=refine_steps, lr=refine_lr, target=refine_target, damping=refine_damping,
                           generator=torch.Generator().manual_seed(0))
             report.method += f"+refine({refine_steps}x{refine_lr:g},{refine_target})"
+        if refit_mlp:
+            report.method += f"+refit_mlp({refit_mlp})"
         _compress_sequential(model, mods, rows, kv_heads, key_weighting, value_weighting,
-                             refit, ridge, progress, report, refine)
+                             refit, ridge, progress, report, refine, refit_mlp)
     else:
         if init == "activations":
             if moments is None:

@@ -20,11 +20,15 @@ import time
 
 import torch
 
+from .compress import REFINE_TARGETS
+
 _PLAIN = dict(key_weighting="none", value_weighting="none")
 #: name -> compress() keyword arguments; "moments" marks the one-pass variants
 VARIANTS = {
     "activations": {},  # the default: sequential calibration + o_proj refit
     "activations-no-refit": dict(refit=False),
+    "activations-refit-mlp": dict(refit_mlp="layer"),
+    "activations-refit-mlp-stream": dict(refit_mlp="stream"),
     "activations-one-pass": dict(moments=True),
     "activations-one-pass-plain": dict(moments=True, **_PLAIN),
     "weights": dict(init="weights"),
@@ -97,7 +101,9 @@ def main(argv=None) -> int:
                    help="layer-wise refinement steps per layer for the sequential variants "
                         "(compress(refine_steps=...); torchkvq.heads.refine)")
     p.add_argument("--refine-lr", type=float, default=1e-3)
-    p.add_argument("--refine-target", default="layer", choices=("layer", "stream", "stream-residual"))
+    p.add_argument("--refine-target", default="layer", choices=REFINE_TARGETS)
+    p.add_argument("--refine-damping", type=float, default=0.0,
+                   help="fisher target: add this multiple of the mean weight to every weight")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
@@ -135,7 +141,8 @@ def main(argv=None) -> int:
             kw["moments"] = moments
         if args.refine_steps and "moments" not in kw and kw.get("init", "activations") == "activations" \
                 and "emulate" not in kw:
-            kw.update(refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_target=args.refine_target)
+            kw.update(refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_target=args.refine_target,
+                      refine_damping=args.refine_damping)
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         compress(m, calib, kv_heads=args.kv_heads, **kw)

@@ -33,20 +33,29 @@ def _out(attn: nn.Module, call) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _sq(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    x = x.float().square()
+    return (x if w is None else x * w).sum()
+
+
 @torch.no_grad()
-def output_error(attn: nn.Module, calls: list, targets: list[torch.Tensor]) -> float:
-    """``sum ||attn(call) - target||^2 / sum ||target||^2`` over the calls."""
+def output_error(attn: nn.Module, calls: list, targets: list[torch.Tensor],
+                 weights: list[torch.Tensor] | None = None) -> float:
+    """``sum w ||attn(call) - target||^2 / sum w ||target||^2`` over the calls (``w``: the
+    elementwise ``weights`` of each call, ``[B, T, hidden]``; 1 when None)."""
     err = ref = 0.0
-    for call, t in zip(calls, targets):
-        err += float((_out(attn, call) - t).float().square().sum())
-        ref += float(t.float().square().sum())
+    for i, (call, t) in enumerate(zip(calls, targets)):
+        w = None if weights is None else weights[i]
+        err += float(_sq(_out(attn, call) - t, w))
+        ref += float(_sq(t, w))
     return err / max(ref, 1e-30)
 
 
 def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], steps: int,
                      lr: float = 1e-3, calls_per_step: int = 4,
                      generator: torch.Generator | None = None, projections: str = "qkvo",
-                     on_step: Callable[[int], None] | None = None) -> tuple[float, float]:
+                     on_step: Callable[[int], None] | None = None,
+                     weights: list[torch.Tensor] | None = None) -> tuple[float, float]:
     """Adam on ``q_proj``/``k_proj``/``v_proj``/``o_proj`` of ``attn`` (in place).
 
     Args:
@@ -59,19 +68,27 @@ def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], 
         projections: which of the four projections are trained (letters of ``"qkvo"``).
         on_step: called with the step number (1..steps) after each step, gradients off (e.g.
             to measure a held-out error; :mod:`torchkvq.heads.layer_study`).
-    Returns ``(relative error before, after)`` over all calls (:func:`output_error`).
+        weights: per call, elementwise weights of the squared error (``[B, T, hidden]``, the
+            shape of the target; e.g. :func:`~torchkvq.heads.calibrate.output_sensitivities`);
+            None weighs every element alike.
+    Returns ``(relative error before, after)`` over all calls (:func:`output_error`, with the
+    same weights).
     """
     if steps < 0 or calls_per_step < 1:
         raise ValueError(f"steps must be >= 0 and calls_per_step >= 1, got {steps}, {calls_per_step}")
+    if weights is not None and (len(weights) != len(targets) or any(
+            w.shape != t.shape for w, t in zip(weights, targets))):
+        raise ValueError("weights must hold one tensor per call, each the shape of its target")
     params = _projections(attn, projections)
-    before = output_error(attn, calls, targets)
+    before = output_error(attn, calls, targets, weights)
     if steps == 0:
         return before, before
     flags = [p.requires_grad for p in params]
     start = {id(p): p.detach().clone() for p in params}
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    norms = [float(t.float().square().sum()) for t in targets]
+    wt = weights if weights is not None else [None] * len(targets)
+    norms = [float(_sq(t, w)) for t, w in zip(targets, wt)]
     per = min(calls_per_step, len(calls))
     try:
         for p in params:
@@ -82,7 +99,7 @@ def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], 
                 denom = sum(norms[i] for i in pick)
                 opt.zero_grad(set_to_none=True)
                 for i in pick:
-                    loss = (_out(attn, calls[i]) - targets[i]).float().square().sum() / denom
+                    loss = _sq(_out(attn, calls[i]) - targets[i], wt[i]) / denom
                     loss.backward()
                 opt.step()
                 sched.step()
@@ -93,7 +110,7 @@ def refine_attention(attn: nn.Module, calls: list, targets: list[torch.Tensor], 
         for p, f in zip(params, flags):
             p.grad = None
             p.requires_grad_(f)
-    after = output_error(attn, calls, targets)
+    after = output_error(attn, calls, targets, weights)
     if not after < before:  # an lr too large for this layer: keep the merge as it was
         with torch.no_grad():
             for p in params:
