@@ -398,8 +398,9 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
     """Layer by layer on cached hidden states (one pass through the model in all): each layer
     is calibrated on the outputs of the already-merged layers before it, and (``refit``) its
     ``o_proj`` is refitted to the original layer's attention output on those inputs;
-    ``refine`` (keyword arguments of :func:`refine_attention` plus ``target``) then refines
-    the four projections on the attention output."""
+    ``refine`` (keyword arguments of :func:`refine_attention` plus ``target`` and
+    ``damping``) then refines the four projections on the attention output, and ``refit_mlp``
+    (``"layer"``/``"stream"``) refits the layer's ``mlp.down_proj`` (:func:`refit_down_proj`)."""
     from tqdm.auto import tqdm
 
     from .refine import refine_attention
@@ -539,7 +540,8 @@ def compress(model, calibration=None, kv_heads: int = 1, init: str = "activation
              key_weighting: str = "query", value_weighting: str = "output",
              sequential: bool = True, refit: bool = True, ridge: float = 1e-2,
              refine_steps: int = 0, refine_lr: float = 1e-3, refine_target: str = "layer",
-             refine_damping: float = 0.0, refit_mlp: str | None = None, moments: tuple[list[torch.Tensor], int] | None = None, progress: bool = True,
+             refine_damping: float = 0.0, refit_mlp: str | None = None,
+             moments: tuple[list[torch.Tensor], int] | None = None, progress: bool = True,
              emulate: str | None = None):
     """Merge every layer's KV heads into ``kv_heads`` heads, in place; returns ``model``.
 
