@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
 )
 
 import torchkvq.heads as H  # noqa: E402
+from torchkvq.heads.calibrate import first_output  # noqa: E402
 from torchkvq.heads.rope import complex_rows, real_rows  # noqa: E402
 
 VOCAB = 96
@@ -451,14 +452,15 @@ def test_refit_mlp_lowers_each_layers_output_error(target, tmp_path):
     # attention identical to the plain merge in layer 0 (its inputs are the same)
     assert torch.equal(m.model.layers[0].self_attn.k_proj.weight, plain.model.layers[0].self_attn.k_proj.weight)
 
-    def first_layer_error(model):
-        out = {}
-        h = model.model.layers[0].register_forward_hook(lambda _m, _a, o: out.setdefault("h", o[0] if isinstance(o, tuple) else o))
-        t = {}
-        g = teacher.model.layers[0].register_forward_hook(lambda _m, _a, o: t.setdefault("h", o[0] if isinstance(o, tuple) else o))
-        logits(model, x), logits(teacher, x)
-        h.remove(), g.remove()
-        return float((out["h"] - t["h"]).square().sum())
+    def first_layer_out(model):
+        out = []
+        h = model.model.layers[0].register_forward_hook(lambda _m, _a, o: out.append(first_output(o)))
+        logits(model, x)
+        h.remove()
+        return out[0]
+
+    want = first_layer_out(teacher)
+    first_layer_error = lambda model: float((first_layer_out(model) - want).square().sum())  # noqa: E731
     assert first_layer_error(m) < first_layer_error(plain)
     m.save_pretrained(tmp_path)
     held = ids(b=2, t=32, seed=7)

@@ -69,6 +69,12 @@ def calibration_token_ids(data, tokenizer=None, seq_len: int = 512) -> list[torc
             for s in data]
 
 
+def first_output(out) -> torch.Tensor:
+    """A module's output tensor: transformers' attention and decoder layers return tuples whose
+    first element is the hidden states (older versions), or the tensor itself."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def augmented_moment(x: torch.Tensor) -> torch.Tensor:
     """``sum x~ x~^T`` over the rows of ``x [..., hidden]`` with ``x~ = [x, 1]``: float64
     ``[hidden+1, hidden+1]`` on the CPU (the product itself in float32, as every figure in
@@ -132,8 +138,7 @@ def output_sensitivities(model, batches: Sequence[torch.Tensor], progress: bool 
 
     def hook_for(i):
         def hook(_m, _args, out):
-            a = out[0] if isinstance(out, tuple) else out
-            a.register_hook(lambda g: sens[i].append(g.detach().float().square().cpu()))
+            first_output(out).register_hook(lambda g: sens[i].append(g.detach().float().square().cpu()))
         return hook
 
     def leaf(_m, _args, out):  # gradients flow from the embeddings on, not into any parameter

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .calibrate import (attention_modules, augmented_moment, calibration_token_ids, collect_input_moments,
-                        output_sensitivities)
+                        first_output, output_sensitivities)
 from .rope import complex_rows, real_rows
 
 __all__ = ["compress", "plan_layer", "apply_plan", "emulate_plan", "LayerPlan", "LayerReport",
@@ -340,17 +340,10 @@ def ridge_refit(lin: nn.Linear, inputs: torch.Tensor, target: torch.Tensor, ridg
     return float((y - a @ w.T).square().sum() / y.square().sum().clamp_min(_EPS))
 
 
-def refit_output(attn: nn.Module, merged_in: torch.Tensor, target: torch.Tensor, ridge: float) -> float:
-    """Least-squares refit of ``o_proj`` so that the merged heads' outputs reproduce the
-    original attention output (:func:`ridge_refit`; ``merged_in``: the merged model's
-    ``o_proj`` input ``[N, heads*d]``, shrunk towards the PCA fold). Returns the relative
-    residual after the refit."""
-    return ridge_refit(attn.o_proj, merged_in, target, ridge)
-
-
 @torch.no_grad()
 def refit_on_calls(attn: nn.Module, calls: list, targets: list[torch.Tensor], ridge: float) -> float:
-    """:func:`refit_output` on the merged module's own ``o_proj`` inputs for ``calls``
+    """Least-squares refit of ``o_proj`` (:func:`ridge_refit`, shrunk towards the PCA fold) on
+    the merged module's own ``o_proj`` inputs for ``calls``
     (``(args, kwargs)`` of its forward) against ``targets`` (the original outputs, ``[B, T,
     hidden]`` each). Returns the relative residual."""
     merged_in = []
@@ -360,7 +353,7 @@ def refit_on_calls(attn: nn.Module, calls: list, targets: list[torch.Tensor], ri
             attn(*args, **kw)
     finally:
         h.remove()
-    return refit_output(attn, torch.cat([m.reshape(-1, m.shape[-1]) for m in merged_in]),
+    return ridge_refit(attn.o_proj, torch.cat([m.reshape(-1, m.shape[-1]) for m in merged_in]),
                         torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]), ridge)
 
 
@@ -379,7 +372,7 @@ def refit_down_proj(layer: nn.Module, calls: list, targets: list[torch.Tensor], 
     h = down.register_forward_pre_hook(lambda _m, a: ins.append(a[0].detach()))
     try:
         for call, t in zip(calls, targets):
-            out = _hidden(_next_call(call, layer(*call[0], **call[1])))
+            out = first_output(layer(*call[0], **call[1]))
             need.append((t - out).reshape(-1, t.shape[-1]))  # what down_proj must add to its output now
     finally:
         h.remove()
@@ -453,7 +446,7 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
             attn_calls.append((args, kwargs))
 
         def post(_m, _args, _kwargs, out):
-            targets.append((out[0] if isinstance(out, tuple) else out).detach())
+            targets.append(first_output(out).detach())
 
         def k_in(_m, args):
             sums.add_(augmented_moment(args[0]))
@@ -467,7 +460,7 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
                 for args, kw in states:
                     out = layer(*args, **kw)
                     if refit_mlp == "layer":
-                        layer_targets.append(_hidden(_next_call((args, kw), out)))
+                        layer_targets.append(first_output(out))
         finally:
             for h in hs:
                 h.remove()
@@ -476,7 +469,7 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
             # should hand on, upstream errors included
             stream_t = []
             h = attn.register_forward_hook(
-                lambda _m, _a, _k, out: stream_t.append((out[0] if isinstance(out, tuple) else out).detach()),
+                lambda _m, _a, _k, out: stream_t.append(first_output(out).detach()),
                 with_kwargs=True)
             nxt = []
             try:
@@ -514,7 +507,7 @@ def _compress_sequential(model, mods, batches, kv_heads, key_weighting, value_we
 def _next_call(call, out):
     """The next decoder layer's call: ``call`` with its hidden states replaced by ``out``."""
     args, kw = call
-    out = out[0] if isinstance(out, tuple) else out
+    out = first_output(out)
     return ((out,) + tuple(args[1:]), kw) if args else (args, {**kw, "hidden_states": out})
 
 

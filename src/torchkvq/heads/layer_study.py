@@ -29,12 +29,13 @@ def attention_calls(model, attn: nn.Module, windows: torch.Tensor,
     [N, T]`` (int64), and its output ``[1, T, hidden]``; the forward stops at ``attn``."""
     from tqdm.auto import tqdm
 
+    from .calibrate import first_output
     from .compress import _Stop
 
     calls, outs = [], []
 
     def post(_m, _a, _k, out):
-        outs.append((out[0] if isinstance(out, tuple) else out).detach())
+        outs.append(first_output(out).detach())
         raise _Stop
 
     hooks = [attn.register_forward_pre_hook(lambda _m, a, k: calls.append((a, k)), with_kwargs=True),

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .calibrate import first_output
+
 __all__ = ["refine_attention", "output_error"]
 
 
@@ -30,7 +32,7 @@ def _projections(attn: nn.Module, which: str = "qkvo") -> list[nn.Parameter]:
 def _out(attn: nn.Module, call) -> torch.Tensor:
     args, kwargs = call
     out = attn(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return first_output(out)
 
 
 def _sq(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
