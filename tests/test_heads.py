@@ -330,9 +330,11 @@ def test_bundled_model_merges_to_one_kv_head(tmp_path, capsys):
 
     out = tmp_path / "smollm2-1kv"
     assert main(["compress-heads", "--kv-heads", "1", "--calibration-tokens", "512", "--seq-len", "256",
-                 "--refine-steps", "3", "--out", str(out)]) == 0
+                 "--refine-steps", "3", "--recover-steps", "2", "--recover-lr", "1e-6", "--recover-train", "all",
+                 "--out", str(out)]) == 0
     assert "3 -> 1 KV heads" in capsys.readouterr().out
     info = json.loads((out / "torchkvq_heads.json").read_text())
+    assert info["recover_train"] == "all" and len(info["recover_kl_first_last"]) == 2
     assert "+refine(3x0.001,layer)" in info["method"]
     assert len(info["refine_error_before_after"]) == 30
     assert all(after <= before for before, after in info["refine_error_before_after"])
@@ -357,6 +359,38 @@ def test_recovery_distillation_lowers_kl():
     assert kls[-1] < kls[0]
     assert torch.equal(m.model.embed_tokens.weight, frozen)  # only attention projections train
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_recovery_can_train_every_parameter_and_reports_each_step():
+    from torchkvq.heads.finetune import recover
+
+    teacher = tiny(heads=4, kv=4)
+    x = ids(b=2, t=32)
+    m = H.compress(copy.deepcopy(teacher), x, kv_heads=1, progress=False)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    seen = []
+    kls = recover(m, teacher, x, steps=20, lr=1e-3, train="all", on_step=lambda s, kl: seen.append((s, kl)),
+                  progress=False)
+    assert kls[-1] < kls[0]
+    assert seen == list(enumerate(kls, start=1))
+    assert all(not torch.equal(p, before[n]) for n, p in m.named_parameters())  # the MLPs and norms too
+    assert all(p.grad is None and p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("kw, match", [(dict(train="mlp"), "train must be one of"),
+                                       (dict(steps=0), "steps must be >= 1"),
+                                       (dict(token_ids=torch.zeros(0, 8, dtype=torch.long)), "non-empty"),
+                                       (dict(token_ids=torch.rand(2, 8)), "integer")])
+def test_recovery_refuses_bad_arguments_before_touching_the_model(kw, match):
+    from torchkvq.heads.finetune import recover
+
+    teacher = tiny(heads=4, kv=2)
+    m = copy.deepcopy(teacher)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    args = dict(token_ids=ids(b=2, t=16), steps=2, lr=1e-3) | kw
+    with pytest.raises(ValueError, match=match):
+        recover(m, teacher, progress=False, **args)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
 
 
 def _attention_calls(model, x):

@@ -170,8 +170,10 @@ def _compress_heads_parser(sub) -> None:
                    "(layer) or the original model's hidden state (stream); default off; docs/heads.md")
     p.add_argument("--recover-steps", type=int, default=0,
                    help="optional recovery: distil the original model into the merged one for this many "
-                   "steps, training only q/k/v/o (default 0 = off; docs/heads.md)")
+                   "steps (default 0 = off; docs/heads.md)")
     p.add_argument("--recover-lr", type=float, default=1e-4, help="learning rate of --recover-steps (default 1e-4)")
+    p.add_argument("--recover-train", choices=["attention", "all"], default="attention",
+                   help="what --recover-steps trains: the q/k/v/o projections (default) or every parameter")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=pathlib.Path, required=True, help="folder for the compressed model")
     p.set_defaults(func=_run_compress_heads)
@@ -218,8 +220,8 @@ def _run_compress_heads(args) -> int:
         info["refine_error_before_after"] = [[round(a, 5), round(b, 5)] for a, b in (r.refine_error for r in rep.layers)]
     if args.recover_steps:
         start = time.perf_counter()
-        kl = recover(model, teacher, calib, steps=args.recover_steps, lr=args.recover_lr)
-        info.update(recover_steps=args.recover_steps, recover_lr=args.recover_lr,
+        kl = recover(model, teacher, calib, steps=args.recover_steps, lr=args.recover_lr, train=args.recover_train)
+        info.update(recover_steps=args.recover_steps, recover_lr=args.recover_lr, recover_train=args.recover_train,
                     recover_kl_first_last=[round(kl[0], 4), round(kl[-1], 4)],
                     recover_seconds=round(time.perf_counter() - start, 1))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import time
 import torch
 
 from .compress import REFINE_TARGETS
+from .finetune import RECOVER_TRAIN
 
 _PLAIN = dict(key_weighting="none", value_weighting="none")
 #: name -> compress() keyword arguments; "moments" marks the one-pass variants
@@ -97,6 +98,13 @@ def main(argv=None) -> int:
                    help="after merging, distil the original into each variant for this many steps "
                         "(torchkvq.heads.finetune.recover: one calibration window per step)")
     p.add_argument("--recover-lr", type=float, default=1e-4)
+    p.add_argument("--recover-train", default="attention", choices=RECOVER_TRAIN,
+                   help="what the distillation trains: the attention projections (default) or every parameter")
+    p.add_argument("--recover-seqs", type=int, default=None,
+                   help="distil on this many windows of --calib-len tokens from --calib-offset "
+                        "(default: the calibration windows)")
+    p.add_argument("--recover-eval-every", type=int, default=0,
+                   help="also measure held-out perplexity every this many distillation steps")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="layer-wise refinement steps per layer for the sequential variants "
                         "(compress(refine_steps=...); torchkvq.heads.refine)")
@@ -117,10 +125,13 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    calib_end = args.calib_offset + args.calib_seqs * args.calib_len
+    if args.recover_steps < 0 or args.recover_eval_every < 0 or (args.recover_seqs is not None and args.recover_seqs < 1):
+        raise SystemExit("--recover-steps and --recover-eval-every must be >= 0, --recover-seqs >= 1")
+    train_seqs = max(args.calib_seqs, args.recover_seqs or 0) if args.recover_steps else args.calib_seqs
+    calib_end = args.calib_offset + train_seqs * args.calib_len
     eval_end = args.eval_offset + args.eval_seqs * args.eval_len
     if not (calib_end <= args.eval_offset or eval_end <= args.calib_offset):
-        raise SystemExit("calibration and evaluation tokens overlap")
+        raise SystemExit("calibration (or distillation) and evaluation tokens overlap")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -128,6 +139,9 @@ def main(argv=None) -> int:
     text = corpus.wiki_corpus_text()
     calib = corpus.token_sequences(tok, text, args.calib_seqs, args.calib_len, args.calib_offset)
     evals = corpus.token_sequences(tok, text, args.eval_seqs, args.eval_len, args.eval_offset)
+    distil = calib
+    if args.recover_steps and args.recover_seqs:
+        distil = corpus.token_sequences(tok, text, args.recover_seqs, args.calib_len, args.calib_offset)
     moments = None
     if args.per_layer or any(VARIANTS[v].get("moments") for v in variants):
         moments = collect_input_moments(base, [calib])
@@ -160,13 +174,21 @@ def main(argv=None) -> int:
         if args.recover_steps:
             from .finetune import recover
 
+            curve = []
+
+            def held_out(step, kl, m=m):
+                if args.recover_eval_every and step % args.recover_eval_every == 0:
+                    curve.append({"step": step, "kl": round(kl, 5), "ppl": perplexity(m, evals)})
+                    print(json.dumps(curve[-1]), file=sys.stderr)
+
             t0 = time.perf_counter()
-            kls = recover(m, base, calib, steps=args.recover_steps, lr=args.recover_lr)
+            kls = recover(m, base, distil, steps=args.recover_steps, lr=args.recover_lr, train=args.recover_train,
+                          on_step=held_out)
             recover_s = round(time.perf_counter() - t0, 1)
-            rows.append({"variant": f"{v}+recover({args.recover_steps}x{args.recover_lr:g})",
+            rows.append({"variant": f"{v}+recover({args.recover_steps}x{args.recover_lr:g},{args.recover_train},"
+                                    f"{distil.shape[0]} windows)",
                          "kv_heads": m.config.num_key_value_heads, "ppl": perplexity(m, evals),
-                         "recover_s": recover_s,
-                         "kl_first": kls[0], "kl_last": kls[-1]})
+                         "recover_s": recover_s, "kl_first": kls[0], "kl_last": kls[-1], "curve": curve})
             print(json.dumps(rows[-1]), file=sys.stderr)
         del m
 
