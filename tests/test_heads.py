@@ -393,6 +393,27 @@ def test_recovery_refuses_bad_arguments_before_touching_the_model(kw, match):
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
 
 
+def test_recovery_plot_reads_evaluate_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from torchkvq.heads.plot import curves, plot
+
+    run = {"rows": [{"variant": "original", "ppl": 10.0}, {"variant": "activations", "ppl": 20.0},
+                    {"variant": "activations+recover(4x1e-05,all,8 windows)", "ppl": 12.0,
+                     "curve": [{"step": 2, "kl": 0.3, "ppl": 15.0}, {"step": 4, "kl": 0.2, "ppl": 12.0}]}]}
+    [(label, steps, excess)] = curves(run)
+    assert label.startswith("activations+recover") and steps == [0, 2, 4]
+    assert excess == pytest.approx([100.0, 50.0, 20.0])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    plot([path], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    run["rows"][2]["curve"] = []
+    with pytest.raises(ValueError, match="--recover-eval-every"):
+        curves(run)
+
+
 def _attention_calls(model, x):
     """The first layer's attention calls and outputs on ``x``, one per row."""
     from torchkvq.heads.layer_study import attention_calls
