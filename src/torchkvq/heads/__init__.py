@@ -9,8 +9,8 @@ See :func:`compress` and docs/heads.md.
 """
 
 from .calibrate import attention_modules, calibration_token_ids, collect_input_moments
-from .compress import (CompressReport, LayerPlan, LayerReport, apply_plan, compress, emulate_plan, key_merge,
-                       plan_layer, value_merge)
+from .compress import CompressReport, compress
+from .merge import LayerPlan, LayerReport, apply_plan, emulate_plan, key_merge, plan_layer, value_merge
 from .finetune import recover
 from .refine import output_error, refine_attention
 

@@ -59,7 +59,7 @@ def per_layer(model, moments, kv_heads: int, windows: torch.Tensor, parts=("keys
     from tqdm.auto import tqdm
 
     from .calibrate import attention_modules
-    from .compress import emulate_plan, plan_layer
+    from .merge import emulate_plan, plan_layer
 
     sums, tokens = moments
     mods = attention_modules(model)

@@ -65,7 +65,9 @@ def study_layer(model, layer: int, train: torch.Tensor, held_out: torch.Tensor, 
     from tqdm.auto import tqdm
 
     from .calibrate import attention_modules, augmented_moment
-    from .compress import _check_supported, apply_plan, plan_layer, refit_on_calls
+    from .compress import _check_supported
+    from .merge import apply_plan, plan_layer
+    from .refit import refit_on_calls
     from .refine import output_error, refine_attention
 
     mods = attention_modules(model)
