@@ -127,6 +127,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if args.recover_steps < 0 or args.recover_eval_every < 0 or (args.recover_seqs is not None and args.recover_seqs < 1):
         raise SystemExit("--recover-steps and --recover-eval-every must be >= 0, --recover-seqs >= 1")
+    if not args.recover_steps and (args.recover_seqs or args.recover_eval_every or args.recover_train != "attention"):
+        raise SystemExit("--recover-seqs, --recover-eval-every and --recover-train need --recover-steps N (N >= 1)")
     train_seqs = max(args.calib_seqs, args.recover_seqs or 0) if args.recover_steps else args.calib_seqs
     calib_end = args.calib_offset + train_seqs * args.calib_len
     eval_end = args.eval_offset + args.eval_seqs * args.eval_len
@@ -185,9 +187,11 @@ def main(argv=None) -> int:
             kls = recover(m, base, distil, steps=args.recover_steps, lr=args.recover_lr, train=args.recover_train,
                           on_step=held_out)
             recover_s = round(time.perf_counter() - t0, 1)
+            done = curve and curve[-1]["step"] == args.recover_steps  # the last point is the final model
             rows.append({"variant": f"{v}+recover({args.recover_steps}x{args.recover_lr:g},{args.recover_train},"
                                     f"{distil.shape[0]} windows)",
-                         "kv_heads": m.config.num_key_value_heads, "ppl": perplexity(m, evals),
+                         "kv_heads": m.config.num_key_value_heads,
+                         "ppl": curve[-1]["ppl"] if done else perplexity(m, evals),
                          "recover_s": recover_s, "kl_first": kls[0], "kl_last": kls[-1], "curve": curve})
             print(json.dumps(rows[-1]), file=sys.stderr)
         del m
